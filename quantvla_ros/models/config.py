@@ -1,0 +1,145 @@
+"""Sizes and settings of the π0 / π0.5 family.
+
+Variant names follow openpi (`gemma_2b`, `gemma_300m`, `dummy`); a checkpoint's config.json
+may also spell a variant out as a dict of `GemmaConfig` / `SiglipConfig` fields, which is how
+the project's own small policies record their widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+PALIGEMMA_VOCAB_SIZE = 257152
+OPENPI_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10_000.0
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class SiglipConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1152
+    depth: int = 27
+    num_heads: int = 16
+    mlp_dim: int = 4304
+    eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+GEMMA_VARIANTS: dict[str, GemmaConfig] = {
+    "gemma_2b": GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_300m": GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+    "dummy": GemmaConfig(width=64, depth=4, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16),
+    "tiny_llm": GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
+    "tiny_expert": GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16),
+}
+
+SIGLIP_VARIANTS: dict[str, SiglipConfig] = {
+    "so400m_14_224": SiglipConfig(),
+    "tiny_siglip": SiglipConfig(image_size=28, patch_size=14, width=32, depth=2, num_heads=2, mlp_dim=64),
+}
+
+
+@dataclass(frozen=True)
+class PI0Config:
+    """One π0 or π0.5 model: architecture plus the inference settings stored with it."""
+
+    pi05: bool
+    llm: GemmaConfig = GEMMA_VARIANTS["gemma_2b"]
+    expert: GemmaConfig = GEMMA_VARIANTS["gemma_300m"]
+    vision: SiglipConfig = SIGLIP_VARIANTS["so400m_14_224"]
+    vocab_size: int = PALIGEMMA_VOCAB_SIZE
+    action_dim: int = 32
+    action_horizon: int = 50
+    max_token_len: int = 48
+    num_steps: int = 10
+    camera_names: tuple[str, ...] = OPENPI_CAMERAS
+    # openpi's pi05_libero feeds the state through the π0-style prompt instead of the text.
+    discrete_state_input: bool = True
+
+    def __post_init__(self) -> None:
+        if self.llm.depth != self.expert.depth:
+            raise ValueError(
+                f"The LLM has {self.llm.depth} layers and the action expert {self.expert.depth}; "
+                "joint attention needs the same depth in both."
+            )
+        if (self.llm.num_heads, self.llm.num_kv_heads, self.llm.head_dim) != (
+            self.expert.num_heads,
+            self.expert.num_kv_heads,
+            self.expert.head_dim,
+        ):
+            raise ValueError("The LLM and the action expert must share head count, KV head count and head_dim.")
+
+    @property
+    def uses_discrete_state(self) -> bool:
+        return self.pi05 and self.discrete_state_input
+
+    def with_changes(self, **changes: Any) -> PI0Config:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_gemma(variant: str | dict) -> GemmaConfig:
+    if isinstance(variant, dict):
+        return GemmaConfig(**variant)
+    if variant not in GEMMA_VARIANTS:
+        raise ValueError(f"Unknown Gemma variant {variant!r}; use one of {sorted(GEMMA_VARIANTS)} or a dict of sizes.")
+    return GEMMA_VARIANTS[variant]
+
+
+def resolve_siglip(variant: str | dict) -> SiglipConfig:
+    if isinstance(variant, dict):
+        return SiglipConfig(**variant)
+    if variant not in SIGLIP_VARIANTS:
+        raise ValueError(
+            f"Unknown SigLIP variant {variant!r}; use one of {sorted(SIGLIP_VARIANTS)} or a dict of sizes."
+        )
+    return SIGLIP_VARIANTS[variant]
+
+
+def variant_name(cfg: GemmaConfig | SiglipConfig) -> str | dict:
+    """The name to write back into config.json: a known name, else the spelled-out sizes."""
+    table = GEMMA_VARIANTS if isinstance(cfg, GemmaConfig) else SIGLIP_VARIANTS
+    for name, known in table.items():
+        if known == cfg:
+            return name
+    return dataclasses.asdict(cfg)
+
+
+def pi0_full() -> PI0Config:
+    return PI0Config(pi05=False, max_token_len=48)
+
+
+def pi05_full() -> PI0Config:
+    return PI0Config(pi05=True, max_token_len=200)
+
+
+def tiny(pi05: bool, vocab_size: int = 512) -> PI0Config:
+    """A few-thousand-parameter model with every architectural feature, for tests."""
+    return PI0Config(
+        pi05=pi05,
+        llm=GEMMA_VARIANTS["tiny_llm"],
+        expert=GEMMA_VARIANTS["tiny_expert"],
+        vision=SIGLIP_VARIANTS["tiny_siglip"],
+        vocab_size=vocab_size,
+        action_dim=8,
+        action_horizon=5,
+        max_token_len=40 if pi05 else 16,
+        num_steps=3,
+        camera_names=("base_0_rgb", "left_wrist_0_rgb"),
+    )

@@ -1,0 +1,145 @@
+"""Gemma decoder layers as π0 uses them: split into the halves around joint attention.
+
+π0 runs the PaliGemma LLM and the action expert side by side: in every layer each stream
+computes Q, K and V with its own weights, one attention runs over the concatenated
+sequence, and each stream finishes the layer (o_proj, MLP, norms) with its own weights.
+So a layer here exposes `project_qkv` and `finish` rather than a single forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantvla_ros.models.config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm, `x * rsqrt(mean(x²) + eps) * (1 + w)`, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype), None
+
+
+class AdaRMSNorm(nn.Module):
+    """π0.5's adaptive RMSNorm: the time condition gives (scale, shift, gate) per channel."""
+
+    def __init__(self, dim: int, cond_dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cond is None:
+            raise ValueError("An adaRMS layer needs the time condition; pass the suffix's adarms_cond.")
+        scale, shift, gate = self.dense(cond.to(self.dense.weight.dtype))[:, None, :].chunk(3, dim=-1)
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return x + y if gate is None else x + y * gate
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, T, head_dim] in fp32 (HF's half-split rotary layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """q [B, H, Tq, d], k/v [B, Hkv, Tk, d], allowed bool [B, Tq, Tk] -> [B, Tq, H*d].
+
+    The mask is additive with the dtype's most negative value, so a query row that may see
+    nothing (a padding token) gives a finite uniform average instead of NaN.
+    """
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~allowed, torch.finfo(q.dtype).min)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], enable_gqa=k.shape[1] != q.shape[1])
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, cfg: GemmaConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, cfg: GemmaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, cfg: GemmaConfig, adarms_cond_dim: int | None) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(cfg)
+        self.mlp = GemmaMLP(cfg)
+        if adarms_cond_dim is None:
+            self.input_layernorm: RMSNorm | AdaRMSNorm = RMSNorm(cfg.width, cfg.eps)
+            self.post_attention_layernorm: RMSNorm | AdaRMSNorm = RMSNorm(cfg.width, cfg.eps)
+        else:
+            self.input_layernorm = AdaRMSNorm(cfg.width, adarms_cond_dim, cfg.eps)
+            self.post_attention_layernorm = AdaRMSNorm(cfg.width, adarms_cond_dim, cfg.eps)
+
+    def project_qkv(
+        self, x: torch.Tensor, cond: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pre-attention half: q [B, H, T, d], k/v [B, Hkv, T, d] before RoPE, and the residual gate."""
+        h, gate = self.input_layernorm(x, cond)
+        b, t, _ = h.shape
+        attn = self.self_attn
+        q = attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        return q, k, v, gate
+
+    def finish(
+        self, x: torch.Tensor, attn_out: torch.Tensor, gate: torch.Tensor | None, cond: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Post-attention half: output projection, residual, MLP, residual."""
+        x = gated_residual(x, self.self_attn.o_proj(attn_out.to(x.dtype)), gate)
+        h, gate = self.post_attention_layernorm(x, cond)
+        return gated_residual(x, self.mlp(h), gate)
+
+
+class GemmaModel(nn.Module):
+    """A Gemma stack; the action expert has no token embedding of its own."""
+
+    def __init__(self, cfg: GemmaConfig, vocab_size: int | None, adarms_cond_dim: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if vocab_size is not None:
+            self.embed_tokens = nn.Embedding(vocab_size, cfg.width)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, adarms_cond_dim) for _ in range(cfg.depth))
+        self.norm: RMSNorm | AdaRMSNorm = (
+            RMSNorm(cfg.width, cfg.eps) if adarms_cond_dim is None else AdaRMSNorm(cfg.width, adarms_cond_dim, cfg.eps)
+        )

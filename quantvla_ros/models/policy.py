@@ -1,0 +1,165 @@
+"""The `Policy` API: the one seam the ROS layer talks to.
+
+    policy = load_policy(path, device="cuda")
+    chunk = policy.predict(Observation(images={...}, instruction="...", state=...), noise=None)
+
+`predict` takes robot units in and gives robot units out: images are resized with padding
+and scaled to [-1, 1], the state is normalized with the checkpoint's statistics (and, for
+π0.5, written into the prompt), and the action chunk is un-normalized and cut to the robot's
+action dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, load_pi0
+from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.processing import (
+    Normalizer,
+    discretize_state,
+    image_to_model,
+    pad_to_dim,
+    resize_with_pad,
+)
+from quantvla_ros.models.tokenizer import PromptTokenizer, tokenize_prompt
+
+
+@dataclass
+class Observation:
+    images: dict[str, np.ndarray]  # camera name -> uint8 H×W×3 RGB
+    instruction: str
+    state: np.ndarray  # robot units, shape [state_dim]
+
+
+@dataclass
+class ActionChunk:
+    actions: np.ndarray  # [horizon, action_dim] robot units
+    dt: float | None  # seconds between actions; None when the checkpoint does not say
+
+
+@dataclass
+class ModelInputs:
+    """A batch of one observation as the model consumes it."""
+
+    images: torch.Tensor  # [1, cameras, 3, S, S] in [-1, 1]
+    image_masks: torch.Tensor  # [1, cameras] bool
+    tokens: torch.Tensor  # [1, max_token_len] int64
+    token_masks: torch.Tensor  # [1, max_token_len] bool
+    state: torch.Tensor  # [1, model action_dim] normalized and padded
+
+
+class Policy:
+    def __init__(
+        self,
+        model: PI0Model,
+        info: CheckpointInfo,
+        tokenizer: PromptTokenizer,
+        action_dt: float | None = None,
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.tokenizer = tokenizer
+        self.action_dt = action_dt
+        cfg = model.cfg
+        stats = info.norm_stats
+        self._state_norm = _normalizer(info.state_norm, stats.get("state"), info.norm_eps, info, "state")
+        self._action_norm = _normalizer(info.action_norm, stats.get("actions"), info.norm_eps, info, "actions")
+        self.camera_names: tuple[str, ...] = cfg.camera_names
+        self.state_dim: int | None = info.state_dim
+        self.action_dim: int = info.action_dim or cfg.action_dim
+        self.horizon: int = cfg.action_horizon
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.action_in_proj.weight.device
+
+    def prepare(self, obs: Observation) -> ModelInputs:
+        """Observation in robot units -> model tensors; every user error is one clear sentence."""
+        cfg = self.model.cfg
+        unknown = sorted(set(obs.images) - set(self.camera_names))
+        if unknown:
+            raise ValueError(
+                f"Observation camera(s) {unknown} are not inputs of this policy; use {list(self.camera_names)}."
+            )
+        if not obs.images:
+            raise ValueError(f"The observation has no image; send at least one of {list(self.camera_names)}.")
+        size = cfg.vision.image_size
+        images, masks = [], []
+        for name in self.camera_names:
+            if name in obs.images:
+                img = image_to_model(resize_with_pad(obs.images[name], size, size))
+                images.append(img.transpose(2, 0, 1))
+                masks.append(True)
+            else:
+                images.append(np.full((3, size, size), -1.0, dtype=np.float32))
+                masks.append(False)
+        state = np.asarray(obs.state, dtype=np.float32).reshape(-1)
+        if self.state_dim is not None and state.shape[0] != self.state_dim:
+            raise ValueError(f"The state has {state.shape[0]} values but this policy expects {self.state_dim}.")
+        if state.shape[0] > cfg.action_dim:
+            raise ValueError(f"The state has {state.shape[0]} values; this model takes at most {cfg.action_dim}.")
+        if not np.all(np.isfinite(state)):
+            raise ValueError("The state contains NaN or Inf; refusing to run the policy on it.")
+        state_norm = self._state_norm.normalize(state) if self._state_norm else state
+        discrete = discretize_state(state_norm) if cfg.uses_discrete_state else None
+        tokens, token_mask = tokenize_prompt(self.tokenizer, obs.instruction, cfg.max_token_len, discrete)
+        dev = self.device
+        return ModelInputs(
+            images=torch.from_numpy(np.stack(images))[None].to(dev),
+            image_masks=torch.tensor([masks], device=dev),
+            tokens=torch.from_numpy(tokens)[None].to(dev),
+            token_masks=torch.from_numpy(token_mask)[None].to(dev),
+            state=torch.from_numpy(pad_to_dim(state_norm, cfg.action_dim))[None].to(dev),
+        )
+
+    def sample(self, inputs: ModelInputs, noise: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized actions [1, horizon, model action_dim] for prepared inputs."""
+        cfg = self.model.cfg
+        shape = (cfg.action_horizon, cfg.action_dim)
+        if noise is None:
+            noise_t = torch.randn(shape, device=self.device)
+        else:
+            noise_t = torch.as_tensor(noise, dtype=torch.float32, device=self.device)
+            if tuple(noise_t.shape) != shape:
+                raise ValueError(f"noise has shape {tuple(noise_t.shape)}; this policy needs {shape}.")
+        return self.model.sample_actions(
+            inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks, inputs.state, noise_t[None]
+        )
+
+    def predict(self, obs: Observation, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:
+        actions = self.sample(self.prepare(obs), noise)[0, :, : self.action_dim].cpu().numpy()
+        if self._action_norm:
+            actions = self._action_norm.unnormalize(actions)
+        return ActionChunk(actions=actions.astype(np.float32), dt=self.action_dt)
+
+
+def _normalizer(mode, stats, eps, info: CheckpointInfo, what: str) -> Normalizer | None:
+    if mode is None:
+        return None
+    if stats is None:
+        raise CheckpointError(f"{info.path} has no normalization statistics for {what}; add them or export them again.")
+    return Normalizer(stats, mode=mode, eps=eps)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_policy(
+    path: Path | str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    asset_id: str | None = None,
+    action_dt: float | None = None,
+) -> Policy:
+    """Load a π0 / π0.5 checkpoint folder (openpi or LeRobot layout) as a ready Policy."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Policy path {path} does not exist; pass a checkpoint folder.")
+    model, info = load_pi0(path, device, dtype or default_dtype(device), asset_id)
+    return Policy(model, info, PromptTokenizer.from_dir(path), action_dt)

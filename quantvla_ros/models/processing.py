@@ -1,0 +1,244 @@
+"""Image, state and action processing for π0 / π0.5, in numpy.
+
+Matches openpi's `image_tools.resize_with_pad`, `transforms.Normalize/Unnormalize` and the
+PaliGemma state discretization, plus readers and writers for openpi's `norm_stats.json` and
+LeRobot's normalizer safetensors.
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import safetensors.numpy
+from PIL import Image
+
+from quantvla_ros.atomic import write_bytes_atomic
+
+NormMode = Literal["mean_std", "quantiles"]
+
+_STAT_NAMES = ("mean", "std", "q01", "q99")
+# openpi names the vectors "state"/"actions"; LeRobot uses its feature keys.
+_LEROBOT_TO_OPENPI = {"observation.state": "state", "action": "actions"}
+_OPENPI_TO_LEROBOT = {v: k for k, v in _LEROBOT_TO_OPENPI.items()}
+
+
+def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a uint8 H×W×3 image to height×width keeping its aspect ratio, padding with black.
+
+    Same geometry as openpi (scale by the larger ratio, truncate the size, centre the padding with
+    the odd pixel at the bottom/right). PIL's bilinear filter antialiases when shrinking, like the
+    `jax.image.resize` openpi uses, so it is closer to openpi than an un-antialiased interpolate.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"resize_with_pad needs a uint8 H×W×3 RGB image, got shape {image.shape} and dtype {image.dtype}; "
+            "convert the image to 8-bit RGB first."
+        )
+    cur_height, cur_width = image.shape[:2]
+    if (cur_height, cur_width) == (height, width):
+        return image.copy()
+    ratio = max(cur_width / width, cur_height / height)
+    resized_height, resized_width = int(cur_height / ratio), int(cur_width / ratio)
+    resized = Image.fromarray(image).resize((resized_width, resized_height), Image.Resampling.BILINEAR)
+    top = (height - resized_height) // 2
+    left = (width - resized_width) // 2
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    out[top : top + resized_height, left : left + resized_width] = np.asarray(resized)
+    return out
+
+
+def image_to_model(image: np.ndarray) -> np.ndarray:
+    """Map uint8 [0, 255] pixels to the float32 [-1, 1] range SigLIP expects."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"image_to_model needs a uint8 image, got dtype {image.dtype}; pass 8-bit pixels.")
+    # The same float32 operations as openpi's Observation.from_dict, so results match bit for bit.
+    return image.astype(np.float32) / 255.0 * 2.0 - 1.0
+
+
+def pad_to_dim(x: np.ndarray, dim: int) -> np.ndarray:
+    """Zero-pad the last axis to `dim` (π0 models take 32-wide state/action vectors)."""
+    n = x.shape[-1]
+    if n > dim:
+        raise ValueError(f"Cannot pad a vector of length {n} to {dim}; use a model whose dimension is at least {n}.")
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dim - n)])
+
+
+def discretize_state(state_norm: np.ndarray, bins: int = 256) -> np.ndarray:
+    """Bin a normalized state into 0..bins-1 for the π0.5 prompt.
+
+    Follows openpi without clipping, so values below -1 give -1 and values at or above 1 give
+    bins-1, exactly as the released checkpoints saw during training.
+    """
+    return np.digitize(state_norm, np.linspace(-1.0, 1.0, bins + 1)[:-1]) - 1
+
+
+@dataclass(frozen=True, eq=False)
+class NormStats:
+    """Per-dimension statistics of one vector feature; fields a checkpoint lacks are None."""
+
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    q01: np.ndarray | None = None
+    q99: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                # Read-only copies, so a shared NormStats cannot be changed behind a Normalizer's back.
+                array = np.array(value, dtype=np.float32)
+                array.flags.writeable = False
+                object.__setattr__(self, f.name, array)
+
+
+class Normalizer:
+    """openpi's Normalize/Unnormalize for one feature, with exact inverses.
+
+    mean_std:  (x - mean) / (std + eps)
+    quantiles: (x - q01) / (q99 - q01 + eps) * 2 - 1
+
+    openpi uses eps=1e-6. LeRobot uses eps=1e-8 but adds it only to std, substitutes it for
+    q99 - q01 only where that is zero, and un-normalizes mean_std without it; with eps=1e-8 these
+    differences are below float32 resolution.
+
+    Vectors longer than the stats (model outputs padded to 32 dims) keep their extra dims
+    unchanged in both directions. openpi's Unnormalize does the same for quantiles but scales them
+    by (1 + eps) for mean_std, which we skip so round trips are exact; its Normalize cannot take
+    them at all (a shape mismatch), since it normalizes before padding. Stats longer than the
+    vector are cut to its length, as openpi's Normalize does.
+    """
+
+    def __init__(self, stats: NormStats, mode: NormMode, eps: float = 1e-6) -> None:
+        if mode == "mean_std":
+            pair, names = (stats.mean, stats.std), "mean and std"
+        elif mode == "quantiles":
+            pair, names = (stats.q01, stats.q99), "q01 and q99"
+        else:
+            raise ValueError(f"Unknown normalization mode {mode!r}; use 'mean_std' or 'quantiles'.")
+        if pair[0] is None or pair[1] is None:
+            raise ValueError(
+                f"Normalization mode {mode!r} needs {names} statistics, which are missing; "
+                "use stats that have them or pick the other mode."
+            )
+        low, high = (a.astype(np.float64) for a in pair)
+        if low.ndim != 1 or low.shape != high.shape:
+            raise ValueError(
+                f"The {names} statistics must be 1-D vectors of equal length, "
+                f"got shapes {low.shape} and {high.shape}; check the stats file."
+            )
+        self.mode = mode
+        self.eps = eps
+        self._low = low
+        # The denominator of both formulas: std + eps, or q99 - q01 + eps.
+        self._span = (high if mode == "mean_std" else high - low) + eps
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        def forward(v: np.ndarray, low: np.ndarray, span: np.ndarray) -> np.ndarray:
+            z = (v - low) / span
+            return z * 2.0 - 1.0 if self.mode == "quantiles" else z
+
+        return self._apply(x, forward)
+
+    def unnormalize(self, x: np.ndarray) -> np.ndarray:
+        def inverse(v: np.ndarray, low: np.ndarray, span: np.ndarray) -> np.ndarray:
+            z = (v + 1.0) / 2.0 if self.mode == "quantiles" else v
+            return z * span + low
+
+        return self._apply(x, inverse)
+
+    def _apply(self, x: np.ndarray, fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        # float64 inside, so a round trip loses nothing beyond the float32 rounding of the output.
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 0:
+            raise ValueError("Normalizer needs an array with a feature axis, got a scalar; pass a vector.")
+        d = min(x.shape[-1], self._low.shape[0])
+        out = x.copy()
+        out[..., :d] = fn(x[..., :d], self._low[:d], self._span[:d])
+        return out.astype(np.float32)
+
+
+def load_openpi_norm_stats(path: Path) -> dict[str, NormStats]:
+    """Read openpi's `{"norm_stats": {"state": {"mean": [...], ...}, "actions": {...}}}`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Norm stats file {path} does not exist; check the checkpoint folder.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"Norm stats file {path} is not valid JSON ({e}); re-export it.") from None
+    entries = data.get("norm_stats") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(
+            f'Norm stats file {path} has no "norm_stats" object; expected openpi\'s norm_stats.json layout.'
+        )
+    stats = {}
+    for key, entry in entries.items():
+        if not isinstance(entry, dict) or not any(entry.get(name) is not None for name in _STAT_NAMES):
+            raise ValueError(
+                f'Entry "{key}" in norm stats file {path} has none of {", ".join(_STAT_NAMES)}; re-export it.'
+            )
+        try:
+            stats[key] = NormStats(**{name: entry.get(name) for name in _STAT_NAMES})
+        except (TypeError, ValueError):
+            raise ValueError(
+                f'Entry "{key}" in norm stats file {path} holds non-numeric values; re-export it.'
+            ) from None
+    return stats
+
+
+def save_openpi_norm_stats(path: Path, stats: dict[str, NormStats]) -> None:
+    """Write stats in openpi's norm_stats.json layout, leaving out missing fields."""
+    entries = {
+        key: {name: getattr(s, name).tolist() for name in _STAT_NAMES if getattr(s, name) is not None}
+        for key, s in stats.items()
+    }
+    write_bytes_atomic(Path(path), json.dumps({"norm_stats": entries}, indent=2).encode())
+
+
+def load_lerobot_norm_stats(files: list[Path]) -> dict[str, NormStats]:
+    """Merge LeRobot normalizer safetensors (keys like `observation.state.q01`, `action.mean`).
+
+    `observation.state` becomes "state" and `action` becomes "actions"; other features keep their
+    keys. Statistics other than mean/std/q01/q99 (min, max, count, ...) are ignored. The pre- and
+    post-processor files both carry some features, so a feature may appear twice, but only with
+    equal values.
+    """
+    merged: dict[str, dict[str, np.ndarray]] = {}
+    for file in map(Path, files):
+        try:
+            tensors = safetensors.numpy.load(file.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Normalizer file {file} does not exist; check the checkpoint folder.") from None
+        except safetensors.SafetensorError as e:
+            raise ValueError(f"Normalizer file {file} is not a valid safetensors file ({e}); re-export it.") from None
+        for flat_key, array in tensors.items():
+            feature, dot, stat = flat_key.rpartition(".")
+            if not dot:
+                raise ValueError(
+                    f'Normalizer file {file} has key "{flat_key}", not "<feature>.<stat>"; '
+                    "pass LeRobot normalizer files only."
+                )
+            if stat not in _STAT_NAMES:
+                continue
+            feature_stats = merged.setdefault(_LEROBOT_TO_OPENPI.get(feature, feature), {})
+            if stat in feature_stats and not np.array_equal(feature_stats[stat], array):
+                raise ValueError(
+                    f'Normalizer file {file} disagrees with an earlier file on "{flat_key}"; '
+                    "pass files from one checkpoint."
+                )
+            feature_stats[stat] = array
+    return {key: NormStats(**s) for key, s in merged.items()}
+
+
+def save_lerobot_norm_stats(path: Path, stats: dict[str, NormStats]) -> None:
+    """Write stats as a LeRobot normalizer safetensors file, renaming "state"/"actions" back."""
+    tensors = {
+        f"{_OPENPI_TO_LEROBOT.get(key, key)}.{name}": np.ascontiguousarray(getattr(s, name))
+        for key, s in stats.items()
+        for name in _STAT_NAMES
+        if getattr(s, name) is not None
+    }
+    write_bytes_atomic(Path(path), safetensors.numpy.save(tensors))

@@ -1,0 +1,33 @@
+"""ament_python build for colcon, and a plain pip install for machines without ROS."""
+
+import os
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "quantvla_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*", "kernels", "bench", "scripts"]) + ["quantvla_kernels"],
+    package_dir={"quantvla_kernels": "kernels"},
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (os.path.join("share", PACKAGE, "launch"), glob("launch/*.launch.py")),
+        (os.path.join("share", PACKAGE, "config"), glob("config/*.yaml")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=False,
+    maintainer="quantvla_ros maintainers",
+    maintainer_email="maintainers@quantvla-ros.dev",
+    description="QuantVLA post-training quantization of VLA policies, served as ROS 2 nodes.",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    entry_points={
+        "console_scripts": [
+            "quantvla = quantvla_ros.cli:main",
+        ],
+    },
+)

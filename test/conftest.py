@@ -1,0 +1,54 @@
+"""Shared fixtures: small checkpoints written through the same code as real ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantvla_ros.models.config import tiny
+from quantvla_ros.models.init_checkpoint import init_checkpoint
+from quantvla_ros.models.processing import NormStats
+
+# DDS traffic stays on this machine, in a domain of the test run's own.
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", "61")
+
+INSTRUCTIONS = [
+    "pick up the red cup",
+    "open the top drawer",
+    "push the green button",
+    "close the window",
+    "put the block in the bowl",
+    "reach the target",
+]
+STATE_DIM, ACTION_DIM = 6, 4
+
+
+def robot_stats() -> dict[str, NormStats]:
+    """Statistics of a made-up robot whose units are far from [-1, 1]."""
+    rng = np.random.default_rng(7)
+
+    def stats(dim: int) -> NormStats:
+        mean = rng.uniform(-50, 50, dim).astype(np.float32)
+        std = rng.uniform(1, 20, dim).astype(np.float32)
+        return NormStats(mean=mean, std=std, q01=mean - 2 * std, q99=mean + 2 * std)
+
+    return {"state": stats(STATE_DIM), "actions": stats(ACTION_DIM)}
+
+
+def make_checkpoint(root: Path, pi05: bool, layout: str, **kwargs) -> Path:
+    name = f"{'pi05' if pi05 else 'pi0'}_{layout}"
+    return init_checkpoint(root / name, tiny(pi05), INSTRUCTIONS, layout=layout, norm_stats=robot_stats(), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[tuple[bool, str], Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        (pi05, layout): make_checkpoint(root, pi05, layout)
+        for pi05 in (False, True)
+        for layout in ("openpi", "lerobot")
+    }
