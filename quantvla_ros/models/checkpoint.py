@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_bytes_atomic, write_json_atomic
@@ -32,7 +33,7 @@ from quantvla_ros.models.config import (
     resolve_siglip,
     variant_name,
 )
-from quantvla_ros.models.pi0 import PI0Model, parameter_dtype
+from quantvla_ros.models.pi0 import PI0Model
 from quantvla_ros.models.processing import (
     NormStats,
     load_lerobot_norm_stats,
@@ -134,10 +135,17 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Key -> shape from the safetensors headers, without reading any tensor data."""
     shapes = {}
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with open_safetensors(f) as sf:
             for k in sf.keys():
                 shapes[k] = tuple(sf.get_slice(k).get_shape())
     return shapes
+
+
+def open_safetensors(file: Path):
+    try:
+        return safe_open(file, framework="pt")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); copy or export it again.") from None
 
 
 def _infer_pi05(shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -346,9 +354,12 @@ def model_kind(model: torch.nn.Module) -> str:
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
+        with open_safetensors(f) as sf:
+            try:
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+            except SafetensorError as e:
+                raise CheckpointError(f"{f} is truncated or corrupt ({e}); copy or export it again.") from None
     return tensors
 
 
@@ -357,16 +368,22 @@ def load_pi0(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     asset_id: str | None = None,
+    adapt: Callable[[PI0Model], None] | None = None,
 ) -> tuple[PI0Model, CheckpointInfo]:
+    """Load weights into a model built on the meta device; `adapt` may swap modules first
+    (a quantized artifact replaces Linears with QuantLinears before its tensors are read)."""
     info = read_checkpoint(path, asset_id)
     state, _ = canonical_state_dict(read_tensors(weight_files(info.path)), info.layout)
     with torch.device("meta"):
         model = PI0Model(info.config)
+        if adapt is not None:
+            adapt(model)
+        model.set_dtype(dtype)
     check_keys(model, state, info.path)
+    expected = model.state_dict()
     # Cast tensor by tensor so a bf16 checkpoint never exists twice in memory.
-    state = {k: v.to(device=device, dtype=parameter_dtype(k, dtype)) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
-    model.compute_dtype = dtype
     return model.eval(), info
 
 

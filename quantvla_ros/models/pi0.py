@@ -11,6 +11,7 @@ to [cached prefix K/V ; its own K/V]. The cache is read, never appended to.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,9 @@ class PI0Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.compute_dtype = torch.float32
+        # Called as observer(layer, q, k, allowed) with post-RoPE q [B, H, Tq, d] and keys
+        # [B, Hkv, Tk, d] on expert-only passes (the denoising steps); calibration uses it.
+        self.attention_observer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
         width = cfg.expert.width
         self.paligemma_with_expert = PaliGemmaWithExpert(cfg)
         self.action_in_proj = nn.Linear(cfg.action_dim, width)
@@ -213,6 +217,8 @@ class PI0Model(nn.Module):
             if prefix_kv is not None:
                 k = torch.cat([prefix_kv[i][0], k], dim=2)
                 v = torch.cat([prefix_kv[i][1], v], dim=2)
+            if self.attention_observer is not None and xs[0] is None:
+                self.attention_observer(i, q, k, allowed)
             out = attention(q, k, v, allowed)
             start, gate_iter = 0, iter(gates)
             for s, (model, x, cond) in enumerate(zip(models, xs, conds, strict=True)):

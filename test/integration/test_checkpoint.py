@@ -185,3 +185,11 @@ def test_same_seed_gives_identical_checkpoints(tmp_path):
     a = make_checkpoint(tmp_path / "a", True, "openpi")
     b = make_checkpoint(tmp_path / "b", True, "openpi")
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_truncated_weights_are_reported_as_such(checkpoints, tmp_path):
+    path = copy(checkpoints[(True, "openpi")], tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is (not a readable safetensors file|truncated)"):
+        load_pi0(path)
