@@ -10,6 +10,7 @@ import pytest
 
 from quantvla_ros.models.config import tiny
 from quantvla_ros.models.init_checkpoint import init_checkpoint
+from quantvla_ros.models.policy import Observation
 from quantvla_ros.models.processing import NormStats
 
 # DDS traffic stays on this machine, in a domain of the test run's own.
@@ -37,6 +38,21 @@ def robot_stats() -> dict[str, NormStats]:
         return NormStats(mean=mean, std=std, q01=mean - 2 * std, q99=mean + 2 * std)
 
     return {"state": stats(STATE_DIM), "actions": stats(ACTION_DIM)}
+
+
+def observation(seed: int = 0, **changes) -> Observation:
+    rng = np.random.default_rng(seed)
+    stats = robot_stats()["state"]
+    fields = dict(
+        images={
+            "base_0_rgb": rng.integers(0, 256, (48, 64, 3), dtype=np.uint8),
+            "left_wrist_0_rgb": rng.integers(0, 256, (28, 28, 3), dtype=np.uint8),
+        },
+        instruction="pick up the red cup",
+        state=(stats.mean + rng.uniform(-1, 1, STATE_DIM) * stats.std).astype(np.float32),
+    )
+    fields.update(changes)
+    return Observation(**fields)
 
 
 def make_checkpoint(root: Path, pi05: bool, layout: str, **kwargs) -> Path:

@@ -11,13 +11,14 @@ action dimension.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, load_pi0
+from quantvla_ros.models.checkpoint import TOKENIZER_FILES, CheckpointError, CheckpointInfo, load_pi0
 from quantvla_ros.models.pi0 import PI0Model
 from quantvla_ros.models.processing import (
     Normalizer,
@@ -73,6 +74,29 @@ class Policy:
         self.state_dim: int | None = info.state_dim
         self.action_dim: int = info.action_dim or cfg.action_dim
         self.horizon: int = cfg.action_horizon
+
+    def input_signature(self) -> dict:
+        """Everything `prepare` depends on; buffers of prepared inputs record it so they are
+        only ever fed to a policy that would have prepared them identically."""
+        cfg = self.model.cfg
+        tokenizer = next((self.info.path / n for n in TOKENIZER_FILES if (self.info.path / n).exists()), None)
+        stats = hashlib.sha256()
+        state_stats = self.info.norm_stats.get("state")
+        for name in ("mean", "std", "q01", "q99"):
+            value = getattr(state_stats, name, None)
+            stats.update(b"-" if value is None else value.tobytes())
+        return {
+            "model": "pi05" if cfg.pi05 else "pi0",
+            "cameras": list(self.camera_names),
+            "image_size": cfg.vision.image_size,
+            "max_token_len": cfg.max_token_len,
+            "action_dim": cfg.action_dim,
+            "state_dim": self.state_dim,
+            "discrete_state": cfg.uses_discrete_state,
+            "state_norm": self.info.state_norm,
+            "state_stats_sha256": stats.hexdigest(),
+            "tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest() if tokenizer else None,
+        }
 
     @property
     def device(self) -> torch.device:

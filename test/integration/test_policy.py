@@ -6,28 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from quantvla_ros.models.policy import Observation, load_policy
+from quantvla_ros.models.policy import load_policy
 
-from conftest import ACTION_DIM, STATE_DIM, robot_stats
+from conftest import ACTION_DIM, STATE_DIM, observation, robot_stats
 
 pytestmark = pytest.mark.integration
 KINDS = [(False, "openpi"), (True, "openpi"), (False, "lerobot"), (True, "lerobot")]
 IDS = ["pi0-openpi", "pi05-openpi", "pi0-lerobot", "pi05-lerobot"]
-
-
-def observation(seed: int = 0, **changes) -> Observation:
-    rng = np.random.default_rng(seed)
-    stats = robot_stats()["state"]
-    fields = dict(
-        images={
-            "base_0_rgb": rng.integers(0, 256, (48, 64, 3), dtype=np.uint8),
-            "left_wrist_0_rgb": rng.integers(0, 256, (28, 28, 3), dtype=np.uint8),
-        },
-        instruction="pick up the red cup",
-        state=(stats.mean + rng.uniform(-1, 1, STATE_DIM) * stats.std).astype(np.float32),
-    )
-    fields.update(changes)
-    return Observation(**fields)
 
 
 def noise(policy, seed: int = 3) -> np.ndarray:

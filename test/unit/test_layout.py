@@ -1,0 +1,60 @@
+"""Named quantization layouts select exactly the modules the paper's tables describe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantvla_ros.models.config import pi05_full
+from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.quant.layout import LAYOUTS, get_layout
+
+pytestmark = pytest.mark.unit
+LLM = "paligemma_with_expert.paligemma.model.language_model.layers"
+EXPERT = "paligemma_with_expert.gemma_expert.model.layers"
+
+
+@pytest.fixture(scope="module")
+def full_pi05() -> PI0Model:
+    with torch.device("meta"):
+        return PI0Model(pi05_full())
+
+
+def test_quantvla_layout_is_every_llm_linear_and_the_expert_mlps(full_pi05):
+    selected = set(LAYOUTS["quantvla"].select(full_pi05))
+    expected = {f"{LLM}.{i}.self_attn.{p}_proj" for i in range(18) for p in "qkvo"}
+    expected |= {f"{LLM}.{i}.mlp.{p}_proj" for i in range(18) for p in ("gate", "up", "down")}
+    expected |= {f"{EXPERT}.{i}.mlp.{p}_proj" for i in range(18) for p in ("gate", "up", "down")}
+    assert selected == expected
+    assert len(selected) == 126 + 54
+
+
+@pytest.mark.parametrize(("name", "count"), [("llm_only", 126), ("expert_all", 126), ("llm_and_expert_all", 252)])
+def test_paper_comparison_layouts_have_the_paper_counts(full_pi05, name, count):
+    assert len(LAYOUTS[name].select(full_pi05)) == count
+
+
+def test_float_parts_are_never_selected(full_pi05):
+    everything = set(LAYOUTS["llm_and_expert_all"].select(full_pi05))
+    assert not any("vision_tower" in n or "multi_modal_projector" in n or "layernorm" in n for n in everything)
+    assert not any(n.startswith(("action_", "time_mlp")) for n in everything)
+
+
+def test_custom_layout_and_extra_excludes(full_pi05):
+    custom = get_layout("custom", include=[rf"{EXPERT}\.\d+\.mlp\.down_proj"])
+    assert len(custom.select(full_pi05)) == 18
+    trimmed = get_layout("quantvla", exclude=[rf"{LLM}\.0\..*"])
+    assert len(trimmed.select(full_pi05)) == 180 - 7
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("w4a8_everything",), "Unknown layout 'w4a8_everything'; choose one of quantvla"),
+        (("custom",), "needs at least one --include"),
+        (("custom", ["mlp(("]), "is not a valid regular expression"),
+    ],
+)
+def test_bad_layouts_are_one_sentence(args, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        get_layout(*args)
