@@ -65,7 +65,8 @@ def _read_image(spec: str) -> tuple[str, np.ndarray]:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from quantvla_ros.models.policy import Observation, load_policy
+    from quantvla_ros.loader import load_policy
+    from quantvla_ros.models.policy import Observation
 
     policy = load_policy(args.path, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
     try:
@@ -78,6 +79,97 @@ def cmd_predict(args: argparse.Namespace) -> None:
         cfg = policy.model.cfg
         noise = np.random.default_rng(args.seed).standard_normal((cfg.action_horizon, cfg.action_dim))
     print(json.dumps({"actions": policy.predict(obs, noise).actions.round(6).tolist()}))
+
+
+def _layout(args: argparse.Namespace):
+    from quantvla_ros.quant.layout import get_layout
+
+    return get_layout(args.layout, args.include, args.exclude) if args.layout else None
+
+
+def cmd_layout(args: argparse.Namespace) -> None:
+    import torch
+
+    from quantvla_ros.models.checkpoint import read_checkpoint
+    from quantvla_ros.models.pi0 import PI0Model
+    from quantvla_ros.quant.layout import get_layout
+    from quantvla_ros.quant.memory import layout_memory
+
+    cfg = read_checkpoint(Path(args.checkpoint)).config
+    with torch.device("meta"):
+        model = PI0Model(cfg)
+    layout = get_layout(args.layout or "quantvla", args.include, args.exclude)
+    report = layout_memory(model, layout, args.w_bits, args.group_size, args.transform)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for row in report["modules"]:
+        print(f"{row['name']:<72} {row['out_features']:>6}x{row['in_features']:<6} {row['quantized_bytes']:>12,} B")
+    print(
+        f"{report['layout']}: {len(report['modules'])} of {report['linear_layers']} Linear layers quantized to "
+        f"W{args.w_bits}{'' if args.group_size is None else f' g{args.group_size}'}; their weights "
+        f"{report['bf16_bytes'] / 2**20:.1f} MiB bf16 -> {report['quantized_bytes'] / 2**20:.1f} MiB "
+        f"({report['ratio']:.3f}x); whole model {report['model_bf16_bytes'] / 2**30:.2f} GiB -> "
+        f"{report['model_quantized_bytes'] / 2**30:.2f} GiB"
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from quantvla_ros.data.buffer import load_buffer
+    from quantvla_ros.models.policy import load_policy
+    from quantvla_ros.quant.api import method_config, quantize_
+    from quantvla_ros.quant.artifact import is_artifact, save_artifact
+
+    config = method_config(
+        args.method,
+        layout=_layout(args),
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        group_size=args.group_size,
+        transform=args.transform,
+        smoothquant_alpha=args.smoothquant_alpha,
+        atm=False if args.no_atm else None,
+        ohb=False if args.no_ohb else None,
+        clamp_log=args.clamp_log,
+        neutral_log=args.neutral_log,
+        seed=args.seed,
+    )
+    if is_artifact(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint} is already a quantized artifact; pass the float checkpoint.")
+    policy = load_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype))
+    buffer = None
+    calibration = {}
+    if args.calib is not None:
+        buffer = load_buffer(args.calib)
+        buffer.check_matches(policy, str(args.calib))
+        calibration = {
+            "buffer": str(args.calib),
+            "samples": len(buffer),
+            "sources": buffer.manifest.get("sources", []),
+            "instructions": buffer.manifest.get("instructions", []),
+            "seed": args.seed,
+        }
+    record = quantize_(policy.model, config, buffer, batch_size=args.batch_size)
+    out = save_artifact(policy.model, policy.info, record, Path(args.out), calibration)
+    print(f"Wrote {out} ({config.method}, W{config.w_bits}A{config.a_bits}, {len(record.modules)} quantized layers).")
+
+
+def cmd_fidelity(args: argparse.Namespace) -> None:
+    from quantvla_ros.data.buffer import load_buffer
+    from quantvla_ros.loader import load_policy
+    from quantvla_ros.quant.fidelity import fidelity, write_report
+
+    reference = load_policy(args.reference, device=args.device)
+    buffer = load_buffer(args.buffer)
+    rows = {}
+    for path in args.candidate:
+        candidate = load_policy(path, device=args.device)
+        if candidate.quant_config is None:
+            raise ValueError(f"--candidate {path} is not a quantized artifact (no quant_config.json).")
+        result = fidelity(reference, candidate, list(candidate.quant_config["modules"]), buffer, args.batch_size)
+        rows[Path(path).name] = (result, candidate.quant_config)
+    summary = write_report(rows, Path(args.out))
+    print(summary.read_text())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -105,6 +197,48 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--asset-id")
     predict.add_argument("--seed", type=int, help="fix the sampling noise")
     predict.set_defaults(func=cmd_predict)
+
+    def layout_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--layout", help="quantvla | llm_only | expert_all | llm_and_expert_all | custom")
+        p.add_argument("--include", action="append", help="module-name regex (custom layout)")
+        p.add_argument("--exclude", action="append", help="module-name regex to keep in float")
+        p.add_argument("--w-bits", type=int, default=4, choices=(4, 8))
+        p.add_argument("--group-size", type=int, help="per-group weight scales along K (64, 128)")
+
+    layout = sub.add_parser("layout", help="which modules a layout quantizes, and the memory before/after")
+    layout.add_argument("checkpoint")
+    layout_options(layout)
+    layout.add_argument("--transform", choices=("smooth", "rotation1+perm+rotation2"), help="count transform tensors")
+    layout.add_argument("--json", action="store_true")
+    layout.set_defaults(func=cmd_layout)
+
+    quantize = sub.add_parser("quantize", help="post-training quantization into a reusable artifact")
+    quantize.add_argument("--checkpoint", required=True, help="float checkpoint folder")
+    quantize.add_argument("--calib", help="calibration buffer (safetensors) for ATM/OHB and activation ranges")
+    quantize.add_argument("--method", default="quantvla", choices=("quantvla", "rtn", "smoothquant", "duquant"))
+    quantize.add_argument("--out", required=True, help="artifact folder to write")
+    layout_options(quantize)
+    quantize.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16))
+    quantize.add_argument("--transform", choices=("none", "smoothquant", "duquant"))
+    quantize.add_argument("--smoothquant-alpha", type=float, help="SmoothQuant migration strength (0.5)")
+    quantize.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
+    quantize.add_argument("--no-ohb", action="store_true", help="skip output head balancing")
+    quantize.add_argument("--clamp-log", type=float, help="clamp |log α|, |log β| (0.3)")
+    quantize.add_argument("--neutral-log", type=float, help="|log| below this sets α, β to 1 (0.03)")
+    quantize.add_argument("--device", default="cpu")
+    quantize.add_argument("--dtype", choices=DTYPES)
+    quantize.add_argument("--batch-size", type=int, default=8)
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.set_defaults(func=cmd_quantize)
+
+    fid = sub.add_parser("fidelity", help="compare quantized artifacts with their float policy")
+    fid.add_argument("--reference", required=True, help="float checkpoint folder")
+    fid.add_argument("--candidate", action="append", required=True, help="artifact folder (repeatable)")
+    fid.add_argument("--buffer", required=True, help="calibration-style buffer of observations")
+    fid.add_argument("--out", default="build/fidelity", help="folder for JSON, PNG plots and summary.md")
+    fid.add_argument("--device", default="cpu")
+    fid.add_argument("--batch-size", type=int, default=8)
+    fid.set_defaults(func=cmd_fidelity)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default policy")
     demo.add_argument("--out", default="build/demo")

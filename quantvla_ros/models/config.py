@@ -139,7 +139,7 @@ def tiny(pi05: bool, vocab_size: int = 512) -> PI0Config:
         vocab_size=vocab_size,
         action_dim=8,
         action_horizon=5,
-        max_token_len=40 if pi05 else 16,
+        max_token_len=64 if pi05 else 16,
         num_steps=3,
         camera_names=("base_0_rgb", "left_wrist_0_rgb"),
     )

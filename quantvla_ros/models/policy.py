@@ -53,6 +53,9 @@ class ModelInputs:
     token_masks: torch.Tensor  # [1, max_token_len] bool
     state: torch.Tensor  # [1, model action_dim] normalized and padded
 
+    def to(self, device: str | torch.device) -> ModelInputs:
+        return ModelInputs(**{name: t.to(device) for name, t in vars(self).items()})
+
 
 class Policy:
     def __init__(
@@ -61,11 +64,14 @@ class Policy:
         info: CheckpointInfo,
         tokenizer: PromptTokenizer,
         action_dt: float | None = None,
+        quant_config: dict | None = None,
     ) -> None:
         self.model = model
         self.info = info
         self.tokenizer = tokenizer
         self.action_dt = action_dt
+        # The artifact's quant_config.json when the weights are quantized (method, bits, α, β...).
+        self.quant_config = quant_config
         cfg = model.cfg
         stats = info.norm_stats
         self._state_norm = _normalizer(info.state_norm, stats.get("state"), info.norm_eps, info, "state")
@@ -142,17 +148,20 @@ class Policy:
         )
 
     def sample(self, inputs: ModelInputs, noise: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
-        """Normalized actions [1, horizon, model action_dim] for prepared inputs."""
+        """Normalized actions [B, horizon, model action_dim]; noise is [horizon, dim] or [B, horizon, dim]."""
         cfg = self.model.cfg
-        shape = (cfg.action_horizon, cfg.action_dim)
+        batch = inputs.images.shape[0]
+        shape = (batch, cfg.action_horizon, cfg.action_dim)
         if noise is None:
             noise_t = torch.randn(shape, device=self.device)
         else:
-            noise_t = torch.as_tensor(noise, dtype=torch.float32, device=self.device)
+            noise_t = torch.as_tensor(noise, dtype=torch.float32).to(self.device)
+            if noise_t.dim() == 2:
+                noise_t = noise_t[None].expand(batch, -1, -1)
             if tuple(noise_t.shape) != shape:
-                raise ValueError(f"noise has shape {tuple(noise_t.shape)}; this policy needs {shape}.")
+                raise ValueError(f"noise has shape {tuple(noise_t.shape)}; this policy needs {shape[1:]}.")
         return self.model.sample_actions(
-            inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks, inputs.state, noise_t[None]
+            inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks, inputs.state, noise_t
         )
 
     def predict(self, obs: Observation, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:

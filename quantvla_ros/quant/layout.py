@@ -68,4 +68,3 @@ def get_layout(name: str, include: list[str] | None = None, exclude: list[str] |
         raise ValueError(f"Unknown layout {name!r}; choose one of {', '.join([*LAYOUTS, 'custom'])}.")
     layout = LAYOUTS[name]
     return Layout(layout.name, layout.include, layout.exclude + tuple(exclude or ()))
-

@@ -1,0 +1,27 @@
+"""`load_policy(path)`: a float checkpoint folder or a quantized artifact, as one `Policy`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quantvla_ros.models.policy import Policy, default_dtype
+from quantvla_ros.models.policy import load_policy as load_float_policy
+from quantvla_ros.models.tokenizer import PromptTokenizer
+from quantvla_ros.quant.artifact import is_artifact, load_artifact
+
+
+def load_policy(
+    path: Path | str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    asset_id: str | None = None,
+    action_dt: float | None = None,
+) -> Policy:
+    """Load a π0 / π0.5 checkpoint (openpi or LeRobot layout) or a `quantvla quantize` artifact."""
+    path = Path(path)
+    if not is_artifact(path):
+        return load_float_policy(path, device, dtype, asset_id, action_dt)
+    model, info, quant_config = load_artifact(path, device, dtype or default_dtype(device))
+    return Policy(model, info, PromptTokenizer.from_dir(path), action_dt, quant_config)

@@ -1,0 +1,101 @@
+"""Activation quantization at run time: dynamic per-token scales, or static per-channel scales.
+
+Dynamic per-token (the default) is quantvla_kernels.quantize_per_token: one scale per row,
+which factors out of the integer GEMM as a row scale of the int32 accumulator.
+
+Static per-input-channel scales (what the authors' code calibrates: p99.9 of |x| per channel,
+reference/quantvla-paper.md §1 [C]) sit on the K axis, so they cannot factor out of the
+int32 sum. They are used exactly by splitting them into a smoothing vector and a per-tensor
+scale of 1: the activation is rounded as x / scale_k and scale_k is folded into the weight's
+columns before the weight is quantized (SmoothQuant's migration with the activation's whole
+range moved). The integer GEMM then runs with a row scale of 1. The honest cost: channels with
+large activations become weight columns with large values, which the weight quantizer sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantvla_kernels import quantize_per_token
+
+
+def act_qmax(bits: int) -> int:
+    """Activations use the symmetric range ±(2^(bits-1) - 1), as quantize_per_token does."""
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    """How a QuantLinear quantizes its (already transformed) input.
+
+    bits: 4 or 8, or 16 to keep activations in float (weight-only quantization).
+    static: use a calibrated per-input-channel scale instead of per-token scales.
+    """
+
+    bits: int = 8
+    static: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8, 16):
+            raise ValueError(f"ActivationQuantizer: bits must be 4, 8 or 16 (float), got {self.bits}.")
+        if self.static and self.bits == 16:
+            raise ValueError("ActivationQuantizer: static scales need 4- or 8-bit activations, not 16 (float).")
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits == 16
+
+    def quantize(self, x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] -> (q int8 [M, K], row scale float32 [M, 1]) for quantvla_kernels.scaled_int_matmul.
+
+        With static scales the row scale is 1: static_scale lives in the weight columns instead.
+        """
+        if self.is_float:
+            raise ValueError("ActivationQuantizer.quantize: 16-bit activations stay in float and are not quantized.")
+        if not self.static:
+            return quantize_per_token(x, self.bits)
+        if static_scale is None:
+            raise ValueError("ActivationQuantizer.quantize: a static quantizer needs its calibrated static_scale [K].")
+        q = quantize_static(x, static_scale, self.bits)
+        return q, torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+
+
+def percentile_channel_scales(samples: list[torch.Tensor], bits: int, percentile: float = 99.9) -> torch.Tensor:
+    """Static per-channel scales [K]: running max over samples of the per-channel percentile of |x|, / qmax.
+
+    Each sample is one calibration batch [..., K]. A channel that is zero everywhere gets the
+    smallest normal scale, so dividing by it yields 0 rather than NaN.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"percentile_channel_scales: bits must be 4 or 8, got {bits}.")
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile_channel_scales: percentile must be in (0, 100], got {percentile}.")
+    if not samples:
+        raise ValueError("percentile_channel_scales: samples is empty; record at least one calibration batch.")
+    k = samples[0].shape[-1]
+    running: torch.Tensor | None = None
+    for i, x in enumerate(samples):
+        if x.dim() == 0 or x.shape[-1] != k or x.numel() == 0:
+            raise ValueError(
+                f"percentile_channel_scales: sample {i} must be a non-empty [..., {k}] tensor, got {tuple(x.shape)}."
+            )
+        p = torch.quantile(x.detach().reshape(-1, k).abs().float(), percentile / 100.0, dim=0)
+        running = p if running is None else torch.maximum(running, p)
+    return (running / act_qmax(bits)).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def quantize_static(x: torch.Tensor, scale_k: torch.Tensor, bits: int) -> torch.Tensor:
+    """q = round_half_to_even(x / scale_k) clamped to ±qmax, as int8 of x's shape [..., K].
+
+    x ≈ q * scale_k per channel; see the module docstring for how a GEMM consumes q exactly.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"quantize_static: bits must be 4 or 8, got {bits}.")
+    if x.dim() == 0 or scale_k.shape != (x.shape[-1],):
+        raise ValueError(
+            f"quantize_static: scale_k must be [K] for x [..., K], got {tuple(scale_k.shape)} for {tuple(x.shape)}."
+        )
+    qmax = act_qmax(bits)
+    return torch.round(x.float() / scale_k.float()).clamp(-qmax, qmax).to(torch.int8)

@@ -1,0 +1,159 @@
+"""Quantized artifacts: a checkpoint folder that loads without the float checkpoint.
+
+    model.safetensors     packed int4/int8 weights with their scales (and input-transform
+                          tensors) under each quantized module's name; every other tensor as in
+                          the float checkpoint, α and β already folded into the float weights
+    quant_config.json     method, bits, layout, per-module settings, α per head and β per layer
+                          for the record, calibration provenance, package version, and the
+                          SHA-256 of model.safetensors (a mismatch refuses to load)
+    config.json, tokenizer, normalization statistics   copied from the float checkpoint
+
+Because the rest of the folder is the float checkpoint's own layout (openpi or LeRobot),
+`read_checkpoint` reads an artifact like any checkpoint; only the module swap before loading
+differs. The folder is written beside its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from quantvla_ros.atomic import atomic_path, write_json_atomic
+from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, export_state_dict, load_pi0
+from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.quant.api import QuantRecord, _set_module
+from quantvla_ros.quant.linear import QuantLinear
+
+ARTIFACT_FORMAT = "quantvla-artifact/1"
+QUANT_CONFIG = "quant_config.json"
+WEIGHTS = "model.safetensors"
+# Everything of a float checkpoint folder except its weights.
+COPIED = ("config.json", "tokenizer.model", "tokenizer.json", "policy_preprocessor.json", "policy_postprocessor.json")
+
+
+def package_version() -> str:
+    try:
+        return version("quantvla_ros")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_artifact(path: Path | str) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def _copy_checkpoint_files(src: Path, dst: Path) -> None:
+    for name in COPIED:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    for f in src.glob("*normalizer_processor.safetensors"):
+        shutil.copy2(f, dst / f.name)
+    if (src / "assets").is_dir():
+        shutil.copytree(src / "assets", dst / "assets")
+
+
+def save_artifact(
+    model: PI0Model,
+    source: CheckpointInfo,
+    record: QuantRecord,
+    out_dir: Path | str,
+    calibration: dict | None = None,
+) -> Path:
+    """Write the artifact folder next to `out_dir` and move it into place in one rename."""
+    out_dir = Path(out_dir).resolve()
+    if source.path.resolve() == out_dir:
+        raise ValueError(f"--out {out_dir} is the float checkpoint itself; write the artifact to another folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        _copy_checkpoint_files(source.path, staging)
+        with atomic_path(staging / WEIGHTS) as tmp:
+            save_file(export_state_dict(model, source.layout), str(tmp), metadata={"format": "pt"})
+        quant_config = {
+            "format": ARTIFACT_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "package_version": package_version(),
+            **record.config.to_json(),
+            "modules": record.modules,
+            "atm_ohb": None if record.atm_ohb is None else record.atm_ohb.to_json(),
+            "calibration": calibration or {},
+            "source_checkpoint": {"path": str(source.path), "layout": source.layout, "asset_id": source.asset_id},
+            "weight_bytes": weight_bytes(model, list(record.modules)),
+            "model_safetensors_sha256": sha256_file(staging / WEIGHTS),
+        }
+        write_json_atomic(staging / QUANT_CONFIG, quant_config)
+        os.chmod(staging, 0o755)
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            os.replace(out_dir, retired / "artifact")
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir
+
+
+def weight_bytes(model: PI0Model, names: list[str]) -> dict:
+    """Bytes of the quantized modules as stored, against the same modules in bf16."""
+    quantized = sum(model.get_submodule(n).weight_bytes() for n in names)
+    bf16 = sum(2 * model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
+    return {"modules": len(names), "bf16": bf16, "quantized": quantized, "ratio": quantized / bf16 if bf16 else None}
+
+
+def read_quant_config(path: Path) -> dict:
+    file = path / QUANT_CONFIG
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is unreadable ({e}); re-run `quantvla quantize`.") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != ARTIFACT_FORMAT:
+        raise CheckpointError(f"{file} is not a {ARTIFACT_FORMAT} quant config; re-run `quantvla quantize`.")
+    return cfg
+
+
+def verify_weights(path: Path, quant_config: dict) -> None:
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"Artifact {path} has no {WEIGHTS}; re-run `quantvla quantize`.")
+    if sha256_file(weights) != quant_config.get("model_safetensors_sha256"):
+        raise CheckpointError(
+            f"{weights} does not match the SHA-256 recorded in {QUANT_CONFIG}: the artifact is corrupted or "
+            "truncated; copy it again or re-run `quantvla quantize`."
+        )
+
+
+def load_artifact(
+    path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PI0Model, CheckpointInfo, dict]:
+    path = Path(path)
+    quant_config = read_quant_config(path)
+    verify_weights(path, quant_config)
+    modules = quant_config.get("modules", {})
+
+    def swap_in_quant_linears(model: PI0Model) -> None:
+        for name, spec in modules.items():
+            _set_module(model, name, QuantLinear.from_spec(spec))
+
+    asset_id = quant_config.get("source_checkpoint", {}).get("asset_id")
+    model, info = load_pi0(path, device, dtype, asset_id, adapt=swap_in_quant_linears)
+    return model, info, quant_config

@@ -1,0 +1,191 @@
+"""Attention temperature matching (ATM) and output head balancing (OHB).
+
+Quantizing the LLM and the expert's MLPs shifts what reaches the expert's attention: the
+softmax logits of the quantized student get sharper or flatter than the float teacher's, and
+the attention block's output drifts in scale. Both are corrected with scalars folded into
+float weights, so inference pays nothing:
+
+    ATM, one α per expert layer and head:  α = std(teacher logits) / std(student logits),
+         logits = q·kᵀ/√d over the valid (query, key) pairs, pooled over samples and steps;
+         α multiplies head h's rows of W_q (RoPE is linear, so scaling q before or after it
+         is the same).
+    OHB, one β per expert layer:  β = RMS(teacher o_proj output) / RMS(student o_proj output);
+         β multiplies W_o (and its bias).
+
+Both are clamped in log space (default |log| ≤ 0.3, App. D of the paper) and set to exactly 1
+inside a neutral band (default |log| < 0.03). Statistics are pooled over every denoising
+step, as in the authors' code: one α per head shared by all steps.
+
+The paper's main text says ±0.4; its appendix and this default say 0.3. The authors' GR00T
+code clamps α linearly to [0.7, 1.4] instead; `clamp_log` reproduces that range closely
+(e^±0.3 = [0.74, 1.35]). Pooling moments over all pairs (rather than averaging per-call
+stds, as that code does) weights every logit equally; for a fixed buffer the two differ
+only by how calls of different length are weighted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from quantvla_ros.data.buffer import CalibrationBuffer
+from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.quant.linear import QuantLinear
+
+
+class ExpertStatistics:
+    """Running moments of the expert's attention logits per (layer, head) and o_proj outputs per layer."""
+
+    def __init__(self, layers: int, heads: int) -> None:
+        self.logit_sum = torch.zeros(layers, heads, dtype=torch.float64)
+        self.logit_sumsq = torch.zeros(layers, heads, dtype=torch.float64)
+        self.logit_count = torch.zeros(layers, heads, dtype=torch.float64)
+        self.out_sumsq = torch.zeros(layers, dtype=torch.float64)
+        self.out_count = torch.zeros(layers, dtype=torch.float64)
+
+    def observe_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> None:
+        heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[-1]
+        k = k.float().repeat_interleave(heads // kv_heads, dim=1)
+        logits = (q.float() @ k.transpose(-1, -2)) / math.sqrt(d)
+        valid = allowed[:, None].expand_as(logits).to(logits.dtype)
+        dims = (0, 2, 3)
+        self.logit_sum[layer] += (logits * valid).sum(dims).double().cpu()
+        self.logit_sumsq[layer] += (logits.square() * valid).sum(dims).double().cpu()
+        self.logit_count[layer] += valid.sum(dims).double().cpu()
+
+    def observe_output(self, layer: int, out: torch.Tensor) -> None:
+        self.out_sumsq[layer] += out.float().square().sum().double().cpu()
+        self.out_count[layer] += out.numel()
+
+    def logit_std(self) -> torch.Tensor:
+        count = self.logit_count.clamp_min(1)
+        mean = self.logit_sum / count
+        return (self.logit_sumsq / count - mean.square()).clamp_min(0).sqrt()
+
+    def output_rms(self) -> torch.Tensor:
+        return (self.out_sumsq / self.out_count.clamp_min(1)).sqrt()
+
+
+def sample_noise(buffer_size: int, horizon: int, action_dim: int, seed: int) -> torch.Tensor:
+    """One fixed noise draw per buffer sample, so teacher and student integrate from the same start."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(buffer_size, horizon, action_dim, generator=g)
+
+
+@torch.no_grad()
+def collect_expert_statistics(
+    model: PI0Model, buffer: CalibrationBuffer, batch_size: int = 8, seed: int = 0, desc: str | None = None
+) -> ExpertStatistics:
+    cfg = model.cfg
+    stats = ExpertStatistics(cfg.expert.depth, cfg.expert.num_heads)
+    noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
+    device = model.action_in_proj.weight.device
+    hooks = [
+        layer.self_attn.o_proj.register_forward_hook(lambda _m, _i, out, i=i: stats.observe_output(i, out))
+        for i, layer in enumerate(model.expert.layers)
+    ]
+    model.attention_observer = stats.observe_attention
+    try:
+        start = 0
+        batches = buffer.batches(batch_size, device)
+        total = math.ceil(len(buffer) / batch_size)
+        for inputs in tqdm(batches, total=total, desc=desc, disable=desc is None, unit="batch"):
+            n = inputs.images.shape[0]
+            model.sample_actions(
+                inputs.images,
+                inputs.image_masks,
+                inputs.tokens,
+                inputs.token_masks,
+                inputs.state,
+                noise[start : start + n].to(device),
+            )
+            start += n
+    finally:
+        model.attention_observer = None
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def matched_scale(teacher: torch.Tensor, student: torch.Tensor, clamp_log: float, neutral_log: float) -> torch.Tensor:
+    """teacher / student, clamped in log space, exactly 1 inside the neutral band."""
+    log = torch.log(teacher / (student + 1e-6)).clamp(-clamp_log, clamp_log)
+    log = torch.where(log.abs() < neutral_log, torch.zeros_like(log), log)
+    return log.exp()
+
+
+def _scale_rows(linear: torch.nn.Module, factor: torch.Tensor) -> None:
+    if isinstance(linear, QuantLinear):
+        linear.scale_output_rows(factor)
+        return
+    w = linear.weight
+    w.data = (w.data.float() * factor.to(w.device)[:, None]).to(w.dtype)
+    if linear.bias is not None:
+        linear.bias.data = (linear.bias.data.float() * factor.to(w.device)).to(linear.bias.dtype)
+
+
+def fold_atm(model: PI0Model, alpha: torch.Tensor) -> None:
+    """α [layers, heads] into the rows of each expert W_q, head by head."""
+    head_dim = model.cfg.expert.head_dim
+    for i, layer in enumerate(model.expert.layers):
+        _scale_rows(layer.self_attn.q_proj, alpha[i].float().repeat_interleave(head_dim))
+
+
+def fold_ohb(model: PI0Model, beta: torch.Tensor) -> None:
+    """β [layers] into each expert W_o (and bias)."""
+    width = model.cfg.expert.width
+    for i, layer in enumerate(model.expert.layers):
+        _scale_rows(layer.self_attn.o_proj, torch.full((width,), float(beta[i])))
+
+
+@dataclass
+class ATMOHBResult:
+    alpha: torch.Tensor  # [layers, heads], as folded
+    beta: torch.Tensor  # [layers], as folded
+    alpha_raw: torch.Tensor
+    beta_raw: torch.Tensor
+    teacher: ExpertStatistics
+    student: ExpertStatistics
+
+    def to_json(self) -> dict:
+        return {
+            "alpha": self.alpha.tolist(),
+            "beta": self.beta.tolist(),
+            "alpha_raw": self.alpha_raw.tolist(),
+            "beta_raw": self.beta_raw.tolist(),
+            "teacher_logit_std": self.teacher.logit_std().tolist(),
+            "student_logit_std": self.student.logit_std().tolist(),
+            "teacher_output_rms": self.teacher.output_rms().tolist(),
+            "student_output_rms": self.student.output_rms().tolist(),
+        }
+
+
+def calibrate_atm_ohb(
+    teacher: PI0Model,
+    student: PI0Model,
+    buffer: CalibrationBuffer,
+    atm: bool = True,
+    ohb: bool = True,
+    clamp_log: float = 0.3,
+    neutral_log: float = 0.03,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> ATMOHBResult:
+    """Measure teacher and student (ATM/OHB off) on the same inputs and noise, then fold α and β into the student."""
+    t_stats = collect_expert_statistics(teacher, buffer, batch_size, seed, "teacher" if progress else None)
+    s_stats = collect_expert_statistics(student, buffer, batch_size, seed, "student" if progress else None)
+    alpha_raw = t_stats.logit_std() / (s_stats.logit_std() + 1e-6)
+    beta_raw = t_stats.output_rms() / (s_stats.output_rms() + 1e-6)
+    alpha = matched_scale(t_stats.logit_std(), s_stats.logit_std(), clamp_log, neutral_log)
+    beta = matched_scale(t_stats.output_rms(), s_stats.output_rms(), clamp_log, neutral_log)
+    if not atm:
+        alpha = torch.ones_like(alpha)
+    if not ohb:
+        beta = torch.ones_like(beta)
+    fold_atm(student, alpha)
+    fold_ohb(student, beta)
+    return ATMOHBResult(alpha, beta, alpha_raw, beta_raw, t_stats, s_stats)

@@ -1,0 +1,179 @@
+"""QuantVLA and its baselines end to end: quantize, calibrate, write and reload artifacts, report fidelity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantvla_ros.cli import main
+from quantvla_ros.data.buffer import build_buffer, save_buffer
+from quantvla_ros.loader import load_policy
+from quantvla_ros.models.checkpoint import CheckpointError
+from quantvla_ros.quant.api import method_config, quantize_
+from quantvla_ros.quant.artifact import load_artifact, save_artifact
+from quantvla_ros.quant.calibration import collect_expert_statistics
+from quantvla_ros.quant.linear import QuantLinear
+
+from conftest import INSTRUCTIONS, observation
+
+pytestmark = pytest.mark.integration
+METHODS = ["quantvla", "rtn", "smoothquant", "duquant"]
+
+
+@pytest.fixture(scope="module")
+def float_path(checkpoints) -> Path:
+    return checkpoints[(True, "openpi")]
+
+
+@pytest.fixture(scope="module")
+def buffer(float_path):
+    policy = load_policy(float_path)
+    obs = [observation(seed=i, instruction=INSTRUCTIONS[i % len(INSTRUCTIONS)]) for i in range(6)]
+    return build_buffer(policy, obs, sources=[{"bag": "synthetic", "sha256": "0" * 64}])
+
+
+@pytest.fixture(scope="module")
+def buffer_file(buffer, tmp_path_factory) -> Path:
+    return save_buffer(buffer, tmp_path_factory.mktemp("buffers") / "calib.safetensors")
+
+
+def noise(policy) -> np.ndarray:
+    cfg = policy.model.cfg
+    return np.random.default_rng(11).standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_artifact_reloads_to_identical_actions(float_path, buffer, tmp_path, method):
+    policy = load_policy(float_path)
+    record = quantize_(policy.model, method_config(method), buffer, batch_size=4, progress=False)
+    assert record.modules and all(isinstance(policy.model.get_submodule(n), QuantLinear) for n in record.modules)
+    assert not any(n.endswith(".weight") and "_proj" in n for n in record.modules)
+    out = save_artifact(policy.model, policy.info, record, tmp_path / method, {"samples": len(buffer)})
+    reloaded = load_policy(out)
+    assert reloaded.quant_config["method"] == method
+    assert set(reloaded.quant_config["modules"]) == set(record.modules)
+    eps = noise(policy)
+    expected = policy.predict(observation(), eps).actions
+    actions = reloaded.predict(observation(), eps).actions
+    # Equal up to the summation order CPU matmul kernels pick by memory alignment; two loads
+    # of the artifact are bit-identical.
+    np.testing.assert_allclose(actions, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_array_equal(load_policy(out).predict(observation(), eps).actions, actions)
+    float_actions = load_policy(float_path).predict(observation(), eps).actions
+    assert not np.array_equal(expected, float_actions)  # it really is quantized
+
+
+def test_quantvla_selects_its_layout_and_drops_float_weights(float_path, buffer):
+    policy = load_policy(float_path)
+    record = quantize_(policy.model, method_config("quantvla"), buffer, batch_size=6, progress=False)
+    state = policy.model.state_dict()
+    for name in record.modules:
+        assert f"{name}.weight_packed" in state and f"{name}.weight" not in state
+    depth = policy.model.cfg.llm.depth
+    assert len(record.modules) == depth * 7 + depth * 3
+    assert all(".mlp." in n for n in record.modules if "gemma_expert" in n)
+    assert record.atm_ohb is not None and record.atm_ohb.alpha.shape == (depth, policy.model.cfg.expert.num_heads)
+
+
+def mean_log_mismatch(teacher, student) -> tuple[float, float]:
+    logit = (teacher.logit_std() / student.logit_std()).log().abs().mean().item()
+    rms = (teacher.output_rms() / student.output_rms()).log().abs().mean().item()
+    return logit, rms
+
+
+def test_atm_and_ohb_bring_the_student_closer_to_the_teacher(float_path, buffer):
+    policy = load_policy(float_path)
+    config = method_config("quantvla", w_bits=4, a_bits=4, transform="none", neutral_log=0.0)
+    record = quantize_(policy.model, config, buffer, batch_size=6, progress=False)
+    before = mean_log_mismatch(record.atm_ohb.teacher, record.atm_ohb.student)
+    after_stats = collect_expert_statistics(policy.model, buffer, batch_size=6, seed=config.seed)
+    after = mean_log_mismatch(record.atm_ohb.teacher, after_stats)
+    assert (record.atm_ohb.alpha != 1).any() and (record.atm_ohb.beta != 1).any()
+    assert after[0] < before[0], (before, after)
+    assert after[1] < before[1], (before, after)
+
+
+def test_corrupted_or_truncated_artifacts_refuse_to_load(float_path, buffer, tmp_path):
+    policy = load_policy(float_path)
+    record = quantize_(policy.model, method_config("rtn"), None, progress=False)
+    good = save_artifact(policy.model, policy.info, record, tmp_path / "good")
+    for damage in ("flip", "truncate"):
+        bad = Path(shutil.copytree(good, tmp_path / damage))
+        data = bytearray((bad / "model.safetensors").read_bytes())
+        if damage == "flip":
+            data[-10] ^= 0xFF
+        else:
+            data = data[: len(data) // 2]
+        (bad / "model.safetensors").write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+            load_artifact(bad)
+    (good / "quant_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="is not a quantvla-artifact/1 quant config"):
+        load_artifact(good)
+
+
+def test_methods_that_calibrate_refuse_to_run_without_data(float_path):
+    policy = load_policy(float_path)
+    with pytest.raises(ValueError, match="pass a non-empty calibration buffer"):
+        quantize_(policy.model, method_config("quantvla"), None, progress=False)
+
+
+def test_cli_quantize_layout_and_fidelity(float_path, buffer_file, tmp_path, capsys):
+    artifacts = []
+    for method, extra in (("quantvla", []), ("rtn", []), ("duquant", ["--layout", "llm_and_expert_all"])):
+        out = tmp_path / method
+        code = main(
+            ["quantize", "--checkpoint", str(float_path), "--calib", str(buffer_file)]
+            + ["--method", method, "--out", str(out), *extra]
+        )
+        assert code == 0, capsys.readouterr().err
+        artifacts.append(out)
+    qc = json.loads((tmp_path / "quantvla" / "quant_config.json").read_text())
+    assert qc["calibration"]["samples"] == 6 and qc["calibration"]["sources"][0]["bag"] == "synthetic"
+    assert len(qc["atm_ohb"]["alpha"]) == 2 and qc["model_safetensors_sha256"]
+
+    capsys.readouterr()
+    assert main(["layout", str(float_path), "--layout", "quantvla", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["modules"]) == len(qc["modules"])
+
+    report_dir = tmp_path / "report"
+    args = ["fidelity", "--reference", str(float_path), "--buffer", str(buffer_file), "--out", str(report_dir)]
+    for a in artifacts:
+        args += ["--candidate", str(a)]
+    assert main(args) == 0
+    summary = (report_dir / "summary.md").read_text()
+    assert all(name in summary for name in ("quantvla", "rtn", "duquant"))
+    result = json.loads((report_dir / "quantvla.json").read_text())
+    assert 0 <= result["action_relative_mse"] and -1 <= result["action_cosine"] <= 1
+    assert set(result["layer_sqnr_db"]) == set(qc["modules"])
+    assert (report_dir / "quantvla_layer_sqnr.png").stat().st_size > 1000
+    assert (report_dir / "quantvla_atm_ohb.png").stat().st_size > 1000
+    assert not (report_dir / "rtn_atm_ohb.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "quantvla", "--layout", "everything"], "Unknown layout 'everything'"),
+        (["--method", "quantvla", "--calib", "/nonexistent/calib.safetensors"], "does not exist"),
+    ],
+    ids=["unknown-layout", "missing-buffer"],
+)
+def test_cli_user_errors_are_one_sentence(float_path, tmp_path, capsys, args, message):
+    assert main(["quantize", "--checkpoint", str(float_path), "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_buffer_built_for_another_model(checkpoints, buffer_file, tmp_path, capsys):
+    code = main(
+        ["quantize", "--checkpoint", str(checkpoints[(False, "openpi")]), "--calib", str(buffer_file)]
+        + ["--out", str(tmp_path / "x")]
+    )
+    assert code == 2
+    assert "was built for another model" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""ATM and OHB: statistics recover planted ratios, clamps and neutral band, folding is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from quantvla_ros.models.config import tiny
+from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.quant.calibration import ExpertStatistics, fold_atm, fold_ohb, matched_scale
+from quantvla_ros.quant.linear import QuantLinear
+
+pytestmark = pytest.mark.unit
+
+
+def planted(ratio_per_head: list[float], seed: int = 0):
+    """Teacher q/k with logit std ~1 and student q shrunk by 1/ratio per head; invalid pairs hold junk."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, tq, tk, d = 3, len(ratio_per_head), 6, 20, 16
+    q_t = torch.randn(b, h, tq, d, generator=g)
+    k = torch.randn(b, 1, tk, d, generator=g)
+    q_s = q_t / torch.tensor(ratio_per_head)[None, :, None, None]
+    allowed = torch.ones(b, tq, tk, dtype=torch.bool)
+    allowed[:, :, -5:] = False
+    k = k.clone()
+    k[:, :, -5:] = 1e4  # would dominate every moment if masked pairs were counted
+    return q_t, q_s, k, allowed
+
+
+def test_logit_std_is_taken_over_valid_pairs_only():
+    q, _, k, allowed = planted([1.0, 1.0])
+    stats = ExpertStatistics(layers=1, heads=2)
+    stats.observe_attention(0, q, k, allowed)
+    logits = (q @ k.transpose(-1, -2))[..., :-5] / 4.0
+    expected = logits.permute(1, 0, 2, 3).reshape(2, -1).std(dim=1, unbiased=False)
+    torch.testing.assert_close(stats.logit_std()[0].float(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_atm_recovers_a_planted_per_head_ratio_and_pools_over_calls():
+    ratios = [1.0, 1.2, 0.85, 1.1]
+    teacher, student = ExpertStatistics(2, 4), ExpertStatistics(2, 4)
+    for call in range(3):  # several denoising steps / batches pooled
+        q_t, q_s, k, allowed = planted(ratios, seed=call)
+        for layer in range(2):
+            teacher.observe_attention(layer, q_t, k, allowed)
+            student.observe_attention(layer, q_s, k, allowed)
+    alpha = matched_scale(teacher.logit_std(), student.logit_std(), clamp_log=0.3, neutral_log=0.03)
+    torch.testing.assert_close(alpha.float(), torch.tensor([ratios, ratios]), rtol=1e-4, atol=1e-4)
+
+
+def test_ohb_recovers_a_planted_rms_ratio():
+    teacher, student = ExpertStatistics(3, 1), ExpertStatistics(3, 1)
+    g = torch.Generator().manual_seed(1)
+    for layer, ratio in enumerate([1.0, 1.25, 0.8]):
+        out = torch.randn(2, 7, 32, generator=g)
+        teacher.observe_output(layer, out)
+        student.observe_output(layer, out / ratio)
+    beta = matched_scale(teacher.output_rms(), student.output_rms(), 0.3, 0.03)
+    torch.testing.assert_close(beta.float(), torch.tensor([1.0, 1.25, 0.8]), rtol=1e-5, atol=1e-5)
+
+
+def test_clamp_and_neutral_band():
+    teacher = torch.tensor([2.0, 0.5, 1.02, 0.98, 1.2], dtype=torch.float64)
+    scale = matched_scale(teacher, torch.ones(5, dtype=torch.float64), clamp_log=0.3, neutral_log=0.03)
+    expected = torch.tensor([math.exp(0.3), math.exp(-0.3), 1.0, 1.0, 1.2], dtype=torch.float64)
+    torch.testing.assert_close(scale, expected, rtol=1e-6, atol=1e-6)
+    assert scale[2] == 1.0 and scale[3] == 1.0  # exactly one, not merely close
+
+
+@pytest.fixture
+def model() -> PI0Model:
+    torch.manual_seed(0)
+    return PI0Model(tiny(True)).eval()
+
+
+def velocity(model: PI0Model) -> torch.Tensor:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(5)
+    size = cfg.vision.image_size
+    prefix = model.embed_prefix(
+        torch.rand(1, 2, 3, size, size, generator=g) * 2 - 1,
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.randint(0, cfg.vocab_size, (1, cfg.max_token_len), generator=g),
+        torch.ones(1, cfg.max_token_len, dtype=torch.bool),
+    )
+    kv = model.compute_prefix_kv(*prefix)
+    x = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=g)
+    return model.velocity_cached(torch.zeros(1, cfg.action_dim), prefix[1], kv, x, torch.tensor([0.6]))
+
+
+def explicit_scaling(model: PI0Model, alpha: torch.Tensor, beta: torch.Tensor) -> list:
+    """Scale q and o_proj outputs at run time with hooks: the unfolded definition of ATM/OHB."""
+    head_dim = model.cfg.expert.head_dim
+    hooks = []
+    for i, layer in enumerate(model.expert.layers):
+        a = alpha[i].repeat_interleave(head_dim)
+        hooks.append(layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out, a=a: out * a))
+        hooks.append(layer.self_attn.o_proj.register_forward_hook(lambda _m, _i, out, b=beta[i]: out * b))
+    return hooks
+
+
+@pytest.mark.parametrize("quantized_projections", [False, True], ids=["float", "quantized"])
+def test_folding_equals_explicit_run_time_scaling(model, quantized_projections):
+    layers, heads = model.cfg.expert.depth, model.cfg.expert.num_heads
+    alpha = torch.linspace(0.75, 1.3, layers * heads).reshape(layers, heads)
+    beta = torch.tensor([0.8, 1.3])
+    if quantized_projections:
+        for layer in model.expert.layers:
+            attn = layer.self_attn
+            attn.q_proj = QuantLinear.from_float(attn.q_proj, w_bits=8, a_bits=8)
+            attn.o_proj = QuantLinear.from_float(attn.o_proj, w_bits=8, a_bits=8)
+    hooks = explicit_scaling(model, alpha, beta)
+    explicit = velocity(model)
+    for h in hooks:
+        h.remove()
+    unscaled = velocity(model)
+    fold_atm(model, alpha)
+    fold_ohb(model, beta)
+    folded = velocity(model)
+    assert (explicit - unscaled).abs().max() > 1e-3  # the scales matter
+    torch.testing.assert_close(folded, explicit, rtol=1e-4, atol=1e-5)
