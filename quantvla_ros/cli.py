@@ -130,6 +130,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         smoothquant_alpha=args.smoothquant_alpha,
         atm=False if args.no_atm else None,
         ohb=False if args.no_ohb else None,
+        static_activations=True if args.static_activations else None,
         clamp_log=args.clamp_log,
         neutral_log=args.neutral_log,
         seed=args.seed,
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16))
     quantize.add_argument("--transform", choices=("none", "smoothquant", "duquant"))
     quantize.add_argument("--smoothquant-alpha", type=float, help="SmoothQuant migration strength (0.5)")
+    quantize.add_argument(
+        "--static-activations", action="store_true", help="static per-channel activation scales (p99.9) from --calib"
+    )
     quantize.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
     quantize.add_argument("--no-ohb", action="store_true", help="skip output head balancing")
     quantize.add_argument("--clamp-log", type=float, help="clamp |log α|, |log β| (0.3)")

@@ -15,6 +15,7 @@ The paper's App. B puts the DuQuant reparameterization under QuantVLA, so `quant
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from quantvla_ros.data.buffer import CalibrationBuffer
 from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.quant.activations import percentile_channel_scales
 from quantvla_ros.quant.calibration import ATMOHBResult, calibrate_atm_ohb, sample_noise
 from quantvla_ros.quant.layout import LAYOUTS, Layout
 from quantvla_ros.quant.linear import QuantLinear
@@ -41,6 +43,10 @@ class QuantConfig:
     transform: str = "duquant"
     smoothquant_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's smoothing step
     duquant_block: int = 64
+    # Dynamic per-token scales at run time (default), or static per-channel scales from the
+    # calibration buffer's `act_percentile` of |x| (the authors' code; cheaper, less accurate).
+    static_activations: bool = False
+    act_percentile: float = 99.9
     atm: bool = True
     ohb: bool = True
     clamp_log: float = 0.3
@@ -54,6 +60,8 @@ class QuantConfig:
             raise ValueError(f"Weight bits must be 4 or 8, got {self.w_bits}.")
         if self.a_bits not in (4, 8, 16):
             raise ValueError(f"Activation bits must be 4, 8 or 16 (float activations), got {self.a_bits}.")
+        if self.static_activations and self.a_bits == 16:
+            raise ValueError("Static activation scales need integer activations; use --a-bits 4 or 8.")
 
     @property
     def needs_activation_stats(self) -> bool:
@@ -61,7 +69,7 @@ class QuantConfig:
 
     @property
     def needs_buffer(self) -> bool:
-        return self.needs_activation_stats or self.atm or self.ohb
+        return self.needs_activation_stats or self.static_activations or self.atm or self.ohb
 
     def to_json(self) -> dict:
         return {**asdict(self), "layout": self.layout.to_json()}
@@ -97,26 +105,26 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def collect_input_absmax(
-    model: PI0Model, names: list[str], buffer: CalibrationBuffer, batch_size: int, seed: int
-) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of each named Linear over full inference runs on the buffer."""
-    absmax: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def record(_module, args):
-            amax = args[0].detach().abs().flatten(0, -2).amax(dim=0).float().cpu()
-            absmax[name] = amax if name not in absmax else torch.maximum(absmax[name], amax)
-
-        return record
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+def observe_inputs(
+    model: PI0Model,
+    names: list[str],
+    buffer: CalibrationBuffer,
+    on_input: Callable[[str, torch.Tensor], None],
+    batch_size: int,
+    seed: int,
+    desc: str,
+) -> None:
+    """Run full inferences over the buffer, handing each named Linear's input [tokens, K] to `on_input`."""
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: on_input(n, args[0].flatten(0, -2)))
+        for n in names
+    ]
     cfg = model.cfg
     noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
     device = model.action_in_proj.weight.device
     try:
         start = 0
-        for inputs in tqdm(buffer.batches(batch_size, device), desc="activation ranges", unit="batch"):
+        for inputs in tqdm(buffer.batches(batch_size, device), desc=desc, unit="batch"):
             n = inputs.images.shape[0]
             model.sample_actions(
                 inputs.images,
@@ -130,7 +138,40 @@ def collect_input_absmax(
     finally:
         for h in hooks:
             h.remove()
+
+
+def collect_input_absmax(
+    model: PI0Model, names: list[str], buffer: CalibrationBuffer, batch_size: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of each named Linear over full inference runs on the buffer."""
+    absmax: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        amax = x.detach().abs().amax(dim=0).float().cpu()
+        absmax[name] = amax if name not in absmax else torch.maximum(absmax[name], amax)
+
+    observe_inputs(model, names, buffer, record, batch_size, seed, "activation ranges")
     return absmax
+
+
+def collect_static_scales(
+    model: PI0Model,
+    transforms: dict[str, InputTransform | None],
+    buffer: CalibrationBuffer,
+    config: QuantConfig,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Static per-channel activation scales of the transformed inputs (running max of the percentile)."""
+    scales: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        transform = transforms[name]
+        x = x.float() if transform is None else transform.apply(x.float())
+        s = percentile_channel_scales([x], config.a_bits, config.act_percentile).cpu()
+        scales[name] = s if name not in scales else torch.maximum(scales[name], s)
+
+    observe_inputs(model, list(transforms), buffer, record, batch_size, config.seed, "static activation scales")
+    return scales
 
 
 def make_transform(config: QuantConfig, weight: torch.Tensor, absmax: torch.Tensor | None) -> InputTransform | None:
@@ -162,16 +203,21 @@ def quantize_(
     names = config.layout.select(model)
     if not names:
         raise ValueError(f"Layout {config.layout.name!r} selects no Linear layer of this model; check its patterns.")
-    absmax = (
-        collect_input_absmax(model, names, buffer, batch_size, config.seed) if config.needs_activation_stats else {}
-    )
+    absmax = {}
+    if config.needs_activation_stats:
+        absmax = collect_input_absmax(model, names, buffer, batch_size, config.seed)
+    transforms = {n: make_transform(config, model.get_submodule(n).weight, absmax.get(n)) for n in names}
+    static = collect_static_scales(model, transforms, buffer, config, batch_size) if config.static_activations else {}
     teacher = copy.deepcopy(model) if (config.atm or config.ohb) else None
     record = QuantRecord(config)
     for name in tqdm(names, desc=f"quantize W{config.w_bits}A{config.a_bits}", unit="layer", disable=not progress):
-        linear = model.get_submodule(name)
-        transform = make_transform(config, linear.weight, absmax.get(name))
         quantized = QuantLinear.from_float(
-            linear, w_bits=config.w_bits, a_bits=config.a_bits, group_size=config.group_size, transform=transform
+            model.get_submodule(name),
+            w_bits=config.w_bits,
+            a_bits=config.a_bits,
+            group_size=config.group_size,
+            transform=transforms[name],
+            input_scale=static.get(name),
         )
         _set_module(model, name, quantized)
         record.modules[name] = quantized.spec()

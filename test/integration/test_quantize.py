@@ -177,3 +177,18 @@ def test_cli_refuses_a_buffer_built_for_another_model(checkpoints, buffer_file, 
     )
     assert code == 2
     assert "was built for another model" in capsys.readouterr().err
+
+
+def test_static_activation_scales_option(float_path, buffer, tmp_path):
+    policy = load_policy(float_path)
+    config = method_config("rtn", static_activations=True)
+    record = quantize_(policy.model, config, buffer, batch_size=6, progress=False)
+    layer = policy.model.get_submodule(next(iter(record.modules)))
+    assert layer.act.static and layer.input_scale is not None and (layer.input_scale > 0).all()
+    assert record.modules[next(iter(record.modules))]["static_input"]
+    out = save_artifact(policy.model, policy.info, record, tmp_path / "static")
+    eps = noise(policy)
+    expected = policy.predict(observation(), eps).actions
+    np.testing.assert_allclose(load_policy(out).predict(observation(), eps).actions, expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="Static activation scales need integer activations"):
+        method_config("rtn", static_activations=True, a_bits=16)
