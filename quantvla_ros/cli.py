@@ -87,6 +87,10 @@ def _layout(args: argparse.Namespace):
     return get_layout(args.layout, args.include, args.exclude) if args.layout else None
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def cmd_layout(args: argparse.Namespace) -> None:
     import torch
 
@@ -108,9 +112,8 @@ def cmd_layout(args: argparse.Namespace) -> None:
     print(
         f"{report['layout']}: {len(report['modules'])} of {report['linear_layers']} Linear layers quantized to "
         f"W{args.w_bits}{'' if args.group_size is None else f' g{args.group_size}'}; their weights "
-        f"{report['bf16_bytes'] / 2**20:.1f} MiB bf16 -> {report['quantized_bytes'] / 2**20:.1f} MiB "
-        f"({report['ratio']:.3f}x); whole model {report['model_bf16_bytes'] / 2**30:.2f} GiB -> "
-        f"{report['model_quantized_bytes'] / 2**30:.2f} GiB"
+        f"{_size(report['bf16_bytes'])} bf16 -> {_size(report['quantized_bytes'])} ({report['ratio']:.3f}x); "
+        f"whole model {_size(report['model_bf16_bytes'])} -> {_size(report['model_quantized_bytes'])}"
     )
 
 
@@ -128,6 +131,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         group_size=args.group_size,
         transform=args.transform,
         smoothquant_alpha=args.smoothquant_alpha,
+        duquant_rotation=args.duquant_rotation,
         atm=False if args.no_atm else None,
         ohb=False if args.no_ohb else None,
         static_activations=True if args.static_activations else None,
@@ -209,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     layout = sub.add_parser("layout", help="which modules a layout quantizes, and the memory before/after")
     layout.add_argument("checkpoint")
     layout_options(layout)
-    layout.add_argument("--transform", choices=("smooth", "rotation1+perm+rotation2"), help="count transform tensors")
+    layout.add_argument(
+        "--transform",
+        choices=("smooth", "smooth+rotation1_signs+perm+rotation2_signs", "smooth+rotation1+perm+rotation2"),
+        help="count the tensors of an input transform: SmoothQuant, DuQuant (Hadamard), DuQuant (SVD)",
+    )
     layout.add_argument("--json", action="store_true")
     layout.set_defaults(func=cmd_layout)
 
@@ -222,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16))
     quantize.add_argument("--transform", choices=("none", "smoothquant", "duquant"))
     quantize.add_argument("--smoothquant-alpha", type=float, help="SmoothQuant migration strength (0.5)")
+    quantize.add_argument("--duquant-rotation", choices=("hadamard", "svd"), help="DuQuant block rotations")
     quantize.add_argument(
         "--static-activations", action="store_true", help="static per-channel activation scales (p99.9) from --calib"
     )

@@ -43,6 +43,9 @@ class QuantConfig:
     transform: str = "duquant"
     smoothquant_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's smoothing step
     duquant_block: int = 64
+    # Randomized Hadamard blocks (stored as signs) by default; "svd" is the authors' per-block
+    # SVD basis, kept for comparison (worse on plain layers, 0.33x instead of 0.25x memory).
+    duquant_rotation: str = "hadamard"
     # Dynamic per-token scales at run time (default), or static per-channel scales from the
     # calibration buffer's `act_percentile` of |x| (the authors' code; cheaper, less accurate).
     static_activations: bool = False
@@ -183,7 +186,12 @@ def make_transform(config: QuantConfig, weight: torch.Tensor, absmax: torch.Tens
     # Smoothing before the rotations is the paper's formulation (App. B); the authors' code
     # skips it, but rotations alone leave W4A8 activation outliers where plain RTN left them.
     return duquant(
-        weight, absmax, smooth_alpha=config.smoothquant_alpha, block_size=config.duquant_block, seed=config.seed
+        weight,
+        absmax,
+        smooth_alpha=config.smoothquant_alpha,
+        block_size=config.duquant_block,
+        rotation=config.duquant_rotation,
+        seed=config.seed,
     )
 
 

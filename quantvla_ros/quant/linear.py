@@ -4,7 +4,8 @@ Buffers use the compressed-tensors names where they fit: weight_packed (uint8 [N
 int4, two codes per byte along K as quantvla_kernels.pack_int4 lays them out; int8 [N, K] for
 int8), weight_scale (float32 [N] or [N, K / group_size]), weight_shape (int64 [N, K]), bias
 (the original dtype), input_scale (float32 [K], static activation scales only) and the input
-transform's steps as input_smooth, input_rotation1, input_perm, input_rotation2.
+transform's steps as input_<step>: input_smooth, input_perm, and each rotation as Hadamard signs
+(input_rotation1_signs, int8 [K / b, b]) or dense blocks (input_rotation1, float32 [K / b, b, b]).
 
 forward: x -> transform (float32) -> activation quantization -> integer GEMM -> x's dtype.
 """
@@ -145,7 +146,8 @@ class QuantLinear(nn.Module):
 
     def spec(self) -> dict:
         """JSON-ready arguments of empty() that rebuild this layer's shapes (an artifact records one per layer)."""
-        rotation = getattr(self, "input_rotation1", None)
+        transform = self.transform
+        block_size = None if transform is None else transform.block_size
         return {
             "in_features": self.in_features,
             "out_features": self.out_features,
@@ -154,7 +156,7 @@ class QuantLinear(nn.Module):
             "a_bits": self.a_bits,
             "group_size": self.group_size,
             "transform_kind": self.transform_kind,
-            "block_size": 64 if rotation is None else rotation.shape[-1],
+            "block_size": 64 if block_size is None else block_size,
             "static_input": self.act.static,
             "bias_dtype": None if self.bias is None else str(self.bias.dtype).removeprefix("torch."),
         }
@@ -176,7 +178,9 @@ class QuantLinear(nn.Module):
 
     @property
     def transform(self) -> InputTransform | None:
-        # Rebuilt from the buffers on each call, so it follows them across .to(device) and load_state_dict.
+        # Rebuilt from the buffers on each call, so it follows them across .to(device) and load_state_dict;
+        # that only wraps the buffers and checks their shapes (Hadamard rotations are applied from their
+        # signs, no b × b matrix is built), so it costs nothing next to the GEMM.
         if self.transform_kind is None:
             return None
         return InputTransform.from_tensors({n: getattr(self, f"input_{n}") for n in self.transform_kind.split("+")})
@@ -220,8 +224,9 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for n in names if (t := getattr(self, n)) is not None)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> QuantLinear:
-        # model.to(torch.bfloat16) must not round the scales or the rotations: those stay float32
-        # and only follow the device. The bias follows the model's dtype like any float tensor.
+        # model.to(torch.bfloat16) must not round the scales or the dense rotations: those stay float32
+        # and only follow the device (int8 Hadamard signs are never cast). The bias follows the model's
+        # dtype like any float tensor.
         keep = {n: getattr(self, n) for n in self._float32_buffers()}
         super()._apply(fn, recurse)
         for name, old in keep.items():

@@ -9,16 +9,24 @@ float layer is unchanged while the quantizers see better-conditioned tensors:
   permutation P that spreads high-energy channels over the blocks, a second rotation R2:
   x -> (x / s) R1 P R2 and w -> (w * s) R1 P R2 (R orthogonal, so (R⁻¹)ᵀ = R).
 
-Rotations are [K / b, b, b] blocks applied by reshape + batched matmul, never a dense K × K.
-They are randomized Hadamard blocks diag(±1)·H/√b rather than the authors' per-block SVD
-bases (left singular vectors of W_blockᵀ, reference/quantvla-paper.md §1 [C]). A Hadamard
-block turns a spike in any one channel into b entries of equal magnitude, the best any
-orthogonal map can do, for activations and weight columns alike; the random signs keep
-structured inputs (a constant offset) from folding back into one channel. An SVD basis
-instead concentrates each weight block's energy in its first columns. Measured on random
-256 × 512 layers at W4A8 (relative output error, RTN → SVD → Hadamard): no outliers
-0.108 → 0.133 → 0.108; outlier activation channels 0.110 → 0.132 → 0.103; outlier weight
-columns 0.416 → 0.402 → 0.108. The SVD basis is worse than no transform on plain layers.
+Rotations act on K / b blocks of b channels, never as a dense K × K, in one of two forms:
+
+- Randomized Hadamard (default), diag(±1)·H_b/√b: stored as its K signs, int8 [K / b, b] under
+  rotation{1,2}_signs, and applied by a fast Walsh–Hadamard transform (log2 b butterflies).
+- The authors' per-block SVD basis (reference/quantvla-paper.md §1 [C]), duquant(rotation="svd"):
+  left singular vectors of W_blockᵀ, dense float32 [K / b, b, b] under rotation{1,2}.
+
+Why Hadamard is the default: a Hadamard block turns a spike in any one channel into b entries
+of equal magnitude, the best any orthogonal map can do, for activations and weight columns
+alike; the random signs keep structured inputs (a constant offset) from folding back into one
+channel. An SVD basis instead concentrates each weight block's energy in its first columns.
+Measured on random 256 × 512 layers at W4A8, no smoothing (relative output error, mean of five
+seeds, RTN → SVD → Hadamard): no outliers 0.107 → 0.134 → 0.108; four activation channels × 60
+0.112 → 0.134 → 0.109; two weight columns × 20 0.420 → 0.401 → 0.105. The SVD basis is worse
+than no transform on plain layers.
+
+Hadamard is also 4·b times smaller to store: 2 bytes per input channel for both rotations
+against 512 for dense b = 64 blocks, which would add 50% to an int4 layer with 2048 outputs.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
-# The order in which the steps run; a transform is any subsequence of it.
-STEPS = ("smooth", "rotation1", "perm", "rotation2")
+# The order in which the steps run; a transform is any subsequence of it holding at most one
+# form of each rotation (dense blocks or Hadamard signs).
+STEPS = ("smooth", "rotation1", "rotation1_signs", "perm", "rotation2", "rotation2_signs")
+ROTATIONS = ("hadamard", "svd")
 
 
 def rotation_block(k: int, block_size: int = 64) -> int:
@@ -54,29 +64,58 @@ def _rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...gi,gij->...gj", xb, blocks.to(x.dtype)).reshape(x.shape)
 
 
+def _hadamard_rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ blockdiag(diag(s) H_b / √b) for signs s [K / b, b], with no b × b matrix."""
+    nb, b = signs.shape
+    lead = x.shape[:-1]
+    t = x.reshape(*lead, nb, b) * signs  # a fresh tensor, so the butterflies below may run in place
+    h = 1
+    while h < b:
+        # Sylvester's H_2h = [[H_h, H_h], [H_h, -H_h]]: halves u, v of each 2h run, already
+        # through H_h, become u + v and u - v; in place, so a stage allocates only the difference.
+        pairs = t.view(*lead, nb, b // (2 * h), 2, h)
+        u, v = pairs[..., 0, :], pairs[..., 1, :]
+        diff = u - v
+        u.add_(v)
+        v.copy_(diff)
+        h *= 2
+    return t.mul_(1 / math.sqrt(b)).reshape(x.shape)
+
+
 @dataclass(frozen=True)
 class InputTransform:
-    """x -> (x / smooth) R1 [:, perm] R2, each step optional; fold applies the same steps to w with * smooth."""
+    """x -> (x / smooth) R1 [:, perm] R2, each step optional; fold applies the same steps to w with * smooth.
+
+    Each rotation is either dense blocks (rotation1, rotation2) or Hadamard signs (rotation1_signs,
+    rotation2_signs). Construction checks shapes and dtypes only, never values, so QuantLinear can
+    rebuild one around its buffers on every forward for free.
+    """
 
     smooth: torch.Tensor | None = None  # float32 [K]
     rotation1: torch.Tensor | None = None  # float32 [K / b, b, b], orthogonal blocks
+    rotation1_signs: torch.Tensor | None = None  # int8 [K / b, b] of ±1: blocks diag(±1) H_b / √b
     perm: torch.Tensor | None = None  # int64 [K]: new channel m is old channel perm[m]
     rotation2: torch.Tensor | None = None  # float32 [K / b, b, b]
+    rotation2_signs: torch.Tensor | None = None  # int8 [K / b, b]
 
     def __post_init__(self) -> None:
         present = self.state_tensors()
         if not present:
-            raise ValueError("InputTransform: give at least one of smooth, rotation1, perm, rotation2.")
+            raise ValueError("InputTransform: give at least one of the steps " + ", ".join(STEPS) + ".")
+        for name in ("rotation1", "rotation2"):
+            if name in present and f"{name}_signs" in present:
+                raise ValueError(f"InputTransform: give {name} as dense blocks or as {name}_signs, not both.")
         sizes = set()
         for name, t in present.items():
-            if name.startswith("rotation"):
+            if name.endswith("_signs"):
+                if t.dim() != 2 or t.dtype != torch.int8:
+                    raise ValueError(f"InputTransform: {name} must be int8 [K / b, b], got {t.dtype} {tuple(t.shape)}.")
+            elif name.startswith("rotation"):
                 if t.dim() != 3 or t.shape[1] != t.shape[2]:
                     raise ValueError(f"InputTransform: {name} must be [K / b, b, b], got {tuple(t.shape)}.")
-                sizes.add(t.shape[0] * t.shape[1])
-            else:
-                if t.dim() != 1:
-                    raise ValueError(f"InputTransform: {name} must be 1-D [K], got {tuple(t.shape)}.")
-                sizes.add(t.shape[0])
+            elif t.dim() != 1:
+                raise ValueError(f"InputTransform: {name} must be 1-D [K], got {tuple(t.shape)}.")
+            sizes.add(math.prod(t.shape[:2]))
         if len(sizes) != 1:
             raise ValueError(f"InputTransform: the steps disagree on K: {sorted(sizes)}.")
         if self.perm is not None and self.perm.dtype != torch.int64:
@@ -84,12 +123,16 @@ class InputTransform:
 
     @property
     def in_features(self) -> int:
-        t = next(iter(self.state_tensors().values()))
-        return t.shape[0] if t.dim() == 1 else t.shape[0] * t.shape[1]
+        return math.prod(next(iter(self.state_tensors().values())).shape[:2])
+
+    @property
+    def block_size(self) -> int | None:
+        """The rotation block size b (the last axis of either form), or None without rotations."""
+        return next((t.shape[-1] for n, t in self.state_tensors().items() if n.startswith("rotation")), None)
 
     @property
     def kind(self) -> str:
-        """The steps present, e.g. "smooth" or "rotation1+perm+rotation2"; QuantLinear.empty takes it back."""
+        """The steps present, e.g. "smooth" or "rotation1_signs+perm+rotation2_signs"; QuantLinear.empty takes it."""
         return "+".join(self.state_tensors())
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,15 +148,16 @@ class InputTransform:
             raise ValueError(
                 f"InputTransform: expected a tensor [..., {self.in_features}], got shape {tuple(t.shape)}."
             )
-        if self.smooth is not None:
-            s = self.smooth.to(t.dtype)
-            t = t / s if divide_smooth else t * s
-        if self.rotation1 is not None:
-            t = _rotate(t, self.rotation1)
-        if self.perm is not None:
-            t = t[..., self.perm]
-        if self.rotation2 is not None:
-            t = _rotate(t, self.rotation2)
+        for name, step in self.state_tensors().items():
+            if name == "smooth":
+                s = step.to(t.dtype)
+                t = t / s if divide_smooth else t * s
+            elif name == "perm":
+                t = t[..., step]
+            elif name.endswith("_signs"):
+                t = _hadamard_rotate(t, step)
+            else:
+                t = _rotate(t, step)
         return t
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -137,9 +181,10 @@ class InputTransform:
             raise ValueError(f"Transform kind {kind!r} must join distinct steps among {STEPS} with '+'.")
         shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"smooth": ((k,), torch.float32)}
         shapes["perm"] = ((k,), torch.int64)
-        if "rotation1" in names or "rotation2" in names:
+        if any(n.startswith("rotation") for n in names):
             b = rotation_block(k, block_size)
             shapes["rotation1"] = shapes["rotation2"] = ((k // b, b, b), torch.float32)
+            shapes["rotation1_signs"] = shapes["rotation2_signs"] = ((k // b, b), torch.int8)
         ordered = [n for n in STEPS if n in names]
         return {n: torch.zeros(shapes[n][0], dtype=shapes[n][1], device=device) for n in ordered}
 
@@ -166,19 +211,19 @@ def smoothquant(w: torch.Tensor, act_absmax: torch.Tensor, alpha: float = 0.5) -
     return InputTransform(smooth=smooth_factors(w, act_absmax, alpha))
 
 
-def hadamard(b: int) -> torch.Tensor:
-    """The orthonormal Sylvester Hadamard matrix of size b (a power of two), float32 [b, b]."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < b:
-        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
-    return h / math.sqrt(b)
-
-
-def random_hadamard_blocks(k: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
-    """[K / b, b, b] blocks diag(±1) H: row j of each is channel j's image, b entries of magnitude 1/√b."""
+def random_signs(k: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """int8 [K / b, b] of ±1: the randomized Hadamard rotation blockdiag(diag(±1) H_b / √b)."""
     b = rotation_block(k, block_size)
-    signs = torch.randint(0, 2, (k // b, b, 1), generator=generator).float() * 2 - 1
-    return signs * hadamard(b)
+    return torch.randint(0, 2, (k // b, b), generator=generator, dtype=torch.int8) * 2 - 1
+
+
+def svd_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float32 [K / b, b, b]: for each b-column block of w [N, K], the left singular vectors U of W_blockᵀ."""
+    n, k = w.shape
+    b = rotation_block(k, block_size)
+    blocks = w.float().reshape(n, k // b, b).permute(1, 2, 0)  # W_blockᵀ, [K / b, b, N]
+    # U must be a full b × b basis; the reduced SVD gives that when N >= b and skips the [N, N] factor.
+    return torch.linalg.svd(blocks, full_matrices=n < b).U
 
 
 def zigzag_permutation(energy: torch.Tensor, block: int) -> torch.Tensor:
@@ -209,9 +254,14 @@ def duquant(
     smooth_alpha: float | None = None,
     block_size: int = 64,
     permute: bool = True,
+    rotation: str = "hadamard",
     seed: int = 0,
 ) -> InputTransform:
     """DuQuant-style transform for weight w [N, K]: [smooth] -> R1 -> zigzag P -> R2.
+
+    rotation "hadamard" (default) draws randomized Hadamard blocks from seed; "svd" takes the
+    authors' basis of the weight as each rotation sees it (R2's after smoothing, R1 and P), see
+    the module docstring for why it is not the default.
 
     act_absmax [K] (calibrated per-channel max |x|) ranks channels for the permutation by a
     bound on their post-R1 magnitude, as DuQuant ranks activations; without it, channels are
@@ -228,6 +278,8 @@ def duquant(
     """
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"DuQuant: w must be a 2-D float tensor [N, K], got {w.dtype} {tuple(w.shape)}.")
+    if rotation not in ROTATIONS:
+        raise ValueError(f"DuQuant: rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}.")
     k = w.shape[1]
     b = rotation_block(k, block_size)
     if act_absmax is not None and act_absmax.shape != (k,):
@@ -237,20 +289,28 @@ def duquant(
     w = w.detach().float()
     generator = torch.Generator().manual_seed(seed)
 
-    smooth = None if smooth_alpha is None else smooth_factors(w, act_absmax.to(w.device), smooth_alpha)
-    rotation1 = random_hadamard_blocks(k, b, generator).to(w.device)
-    first = InputTransform(smooth=smooth, rotation1=rotation1)
+    def with_rotation(steps: dict[str, torch.Tensor], i: int) -> InputTransform:
+        if rotation == "hadamard":
+            return InputTransform(**steps, **{f"rotation{i}_signs": random_signs(k, b, generator).to(w.device)})
+        before = InputTransform(**steps).fold(w) if steps else w
+        return InputTransform(**steps, **{f"rotation{i}": svd_blocks(before, b)})
+
+    steps = {} if smooth_alpha is None else {"smooth": smooth_factors(w, act_absmax.to(w.device), smooth_alpha)}
+    first = with_rotation(steps, 1)
     if not permute:
         return first
 
     if act_absmax is not None:
-        a = act_absmax.detach().float().abs().to(w.device)
-        if smooth is not None:
-            a = a / smooth
+        a = act_absmax.detach().float().abs().to(w.device).reshape(k // b, b)
+        if first.smooth is not None:
+            a = a / first.smooth.reshape(k // b, b)
         # |(x R1)_j| <= sum_i max|x_i| |R1_ij| over j's block: a bound on each channel after R1.
-        energy = torch.einsum("gi,gij->gj", a.reshape(k // b, b), rotation1.abs()).reshape(k)
+        # Every entry of a Hadamard block has magnitude 1/√b, so its channels share one bound.
+        if rotation == "hadamard":
+            energy = (a.sum(-1, keepdim=True) / math.sqrt(b)).expand(k // b, b)
+        else:
+            energy = torch.einsum("gi,gij->gj", a, first.rotation1.abs())
+        energy = energy.reshape(k)
     else:
         energy = first.fold(w).pow(2).mean(dim=0)
-    perm = zigzag_permutation(energy, b)
-    rotation2 = random_hadamard_blocks(k, b, generator).to(w.device)
-    return InputTransform(smooth=smooth, rotation1=rotation1, perm=perm, rotation2=rotation2)
+    return with_rotation({**first.state_tensors(), "perm": zigzag_permutation(energy, b)}, 2)

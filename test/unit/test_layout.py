@@ -8,6 +8,7 @@ import torch
 from quantvla_ros.models.config import pi05_full
 from quantvla_ros.models.pi0 import PI0Model
 from quantvla_ros.quant.layout import LAYOUTS, get_layout
+from quantvla_ros.quant.memory import layout_memory
 
 pytestmark = pytest.mark.unit
 LLM = "paligemma_with_expert.paligemma.model.language_model.layers"
@@ -58,3 +59,16 @@ def test_custom_layout_and_extra_excludes(full_pi05):
 def test_bad_layouts_are_one_sentence(args, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         get_layout(*args)
+
+
+@pytest.mark.parametrize(
+    "transform_kind", [None, "smooth+rotation1_signs+perm+rotation2_signs"], ids=["rtn", "quantvla-duquant"]
+)
+def test_quantvla_weight_bytes_are_at_most_030_of_bf16(full_pi05, transform_kind):
+    report = layout_memory(full_pi05, LAYOUTS["quantvla"], w_bits=4, transform_kind=transform_kind)
+    assert len(report["modules"]) == 180
+    assert report["ratio"] <= 0.30, report["ratio"]
+    # 2.2 B parameters in the selected modules (the paper reports 4.27 GB for LLM + DiT in FP16).
+    assert report["bf16_bytes"] / 1e9 == pytest.approx(4.42, abs=0.1)
+    saved = report["model_bf16_bytes"] - report["model_quantized_bytes"]
+    assert saved == report["bf16_bytes"] - report["quantized_bytes"]

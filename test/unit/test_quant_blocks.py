@@ -12,6 +12,7 @@ from quantvla_ros.quant.linear import QuantLinear
 from quantvla_ros.quant.transforms import (
     InputTransform,
     duquant,
+    random_signs,
     rotation_block,
     smoothquant,
     zigzag_permutation,
@@ -160,12 +161,25 @@ def _outlier_activations(t: int, k: int, gen: torch.Generator, channels=(3, 17, 
     return x
 
 
-@pytest.mark.parametrize("make", ["smoothquant", "duquant", "duquant_smooth", "duquant_no_perm", "duquant_k32"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        "smoothquant",
+        "duquant",
+        "duquant_smooth",
+        "duquant_no_perm",
+        "duquant_k32",
+        "svd",
+        "svd_smooth",
+        "svd_no_perm",
+        "svd_fewer_rows_than_block",
+    ],
+)
 def test_transforms_leave_the_float_layer_unchanged(make):
     gen = _gen(2)
     k = 32 if make == "duquant_k32" else 256
     x = _outlier_activations(64, k, gen, channels=(3, 17))
-    w = torch.randn(N, k, generator=gen)
+    w = torch.randn(16 if make == "svd_fewer_rows_than_block" else N, k, generator=gen)
     absmax = x.abs().amax(0)
     transform = {
         "smoothquant": lambda: smoothquant(w, absmax, alpha=0.5),
@@ -173,25 +187,57 @@ def test_transforms_leave_the_float_layer_unchanged(make):
         "duquant_smooth": lambda: duquant(w, absmax, smooth_alpha=0.5),
         "duquant_no_perm": lambda: duquant(w, permute=False),
         "duquant_k32": lambda: duquant(w),
+        "svd": lambda: duquant(w, absmax, rotation="svd"),
+        "svd_smooth": lambda: duquant(w, absmax, smooth_alpha=0.5, rotation="svd"),
+        "svd_no_perm": lambda: duquant(w, permute=False, rotation="svd"),
+        "svd_fewer_rows_than_block": lambda: duquant(w, rotation="svd"),
     }[make]()
     ref = x.double() @ w.double().T
     assert _rel_err(transform.apply(x) @ transform.fold(w).T, ref) < 1e-5
     assert transform.apply(x.reshape(4, 16, k)).shape == (4, 16, k)
 
 
+def _sylvester(b: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    return h
+
+
+@pytest.mark.parametrize("b", [1, 2, 32, 64])
+def test_fast_hadamard_rotation_is_the_dense_signed_hadamard_block_matrix(b):
+    k = 128
+    signs = random_signs(k, b, _gen(b))
+    assert signs.dtype == torch.int8 and signs.shape == (k // b, b) and set(signs.unique().tolist()) <= {-1, 1}
+    # Rotating the identity's rows gives the K × K matrix the transform multiplies x by.
+    dense = InputTransform(rotation1_signs=signs).apply(torch.eye(k, dtype=torch.float64))
+    blocks = [torch.diag(s.double()) @ _sylvester(b) / b**0.5 for s in signs]
+    torch.testing.assert_close(dense, torch.block_diag(*blocks), rtol=0, atol=1e-12)
+    # Every input channel is spread evenly over its block.
+    assert torch.allclose(dense.abs()[:b, :b], torch.full((b, b), b**-0.5, dtype=torch.float64))
+
+
 def test_duquant_rotations_are_orthogonal_blocks_and_the_permutation_a_bijection():
     w = torch.randn(N, 256, generator=_gen())
     t = duquant(w)
-    assert t.kind == "rotation1+perm+rotation2"
-    eye = torch.eye(64).expand(4, 64, 64)
-    for r in (t.rotation1, t.rotation2):
-        assert r.shape == (4, 64, 64) and r.dtype == torch.float32
-        assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-6)
-        # Hadamard blocks: every input channel is spread evenly over its block.
-        assert torch.allclose(r.abs(), torch.full_like(r, 1 / 8))
+    assert t.kind == "rotation1_signs+perm+rotation2_signs" and t.block_size == 64
+    for signs in (t.rotation1_signs, t.rotation2_signs):
+        assert signs.shape == (4, 64) and signs.dtype == torch.int8
+        assert set(signs.unique().tolist()) == {-1, 1}
+    assert not torch.equal(t.rotation1_signs, t.rotation2_signs)
     assert t.perm.dtype == torch.int64
     assert torch.equal(t.perm.sort().values, torch.arange(256))
-    assert duquant(torch.randn(N, 32)).rotation1.shape == (1, 32, 32)
+    assert duquant(torch.randn(N, 32)).rotation1_signs.shape == (1, 32)
+
+    svd = duquant(w, rotation="svd")
+    assert svd.kind == "rotation1+perm+rotation2" and svd.block_size == 64
+    eye = torch.eye(64).expand(4, 64, 64)
+    for r in (svd.rotation1, svd.rotation2):
+        assert r.shape == (4, 64, 64) and r.dtype == torch.float32
+        assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-5)
+    # The authors' basis: R1 orders each weight block's energy by singular value, largest first.
+    energy = InputTransform(rotation1=svd.rotation1).fold(w).pow(2).sum(0).reshape(4, 64)
+    assert (energy.diff(dim=1) <= 1e-4 * energy.max()).all()
 
 
 def test_zigzag_permutation_deals_the_largest_channels_evenly_over_the_blocks():
@@ -206,15 +252,19 @@ def test_zigzag_permutation_deals_the_largest_channels_evenly_over_the_blocks():
     assert (sums.max() - sums.min()) / sums.mean() < 0.02
 
 
-def test_transform_round_trips_through_plain_tensors():
+@pytest.mark.parametrize(
+    ("rotation", "kind"),
+    [("hadamard", "smooth+rotation1_signs+perm+rotation2_signs"), ("svd", "smooth+rotation1+perm+rotation2")],
+)
+def test_transform_round_trips_through_plain_tensors(rotation, kind):
     w = torch.randn(N, 128, generator=_gen())
-    t = duquant(w, w.abs().amax(0), smooth_alpha=0.5)
+    t = duquant(w, w.abs().amax(0), smooth_alpha=0.5, rotation=rotation)
     tensors = t.state_tensors()
-    assert list(tensors) == ["smooth", "rotation1", "perm", "rotation2"]
+    assert list(tensors) == kind.split("+")
     assert all(type(v) is torch.Tensor for v in tensors.values())
     rebuilt = InputTransform.from_tensors({n: v.clone() for n, v in tensors.items()})
     x = torch.randn(5, 128)
-    assert rebuilt.kind == t.kind == "smooth+rotation1+perm+rotation2"
+    assert rebuilt.kind == t.kind == kind
     assert torch.equal(rebuilt.apply(x), t.apply(x))
     assert torch.equal(rebuilt.fold(w), t.fold(w))
     empty = InputTransform.empty_tensors(t.kind, 128)
@@ -238,6 +288,12 @@ def test_transform_errors_are_clear():
         InputTransform.from_tensors({"rotation3": torch.zeros(1, 64, 64)})
     with pytest.raises(ValueError, match="must join distinct steps"):
         InputTransform.empty_tensors("smooth+hadamard", 64)
+    with pytest.raises(ValueError, match="rotation must be one of hadamard, svd"):
+        duquant(torch.randn(8, 64), rotation="qr")
+    with pytest.raises(ValueError, match="not both"):
+        InputTransform.from_tensors(InputTransform.empty_tensors("rotation1+rotation1_signs", 64))
+    with pytest.raises(ValueError, match=r"rotation2_signs must be int8 \[K / b, b\]"):
+        InputTransform(rotation2_signs=torch.ones(1, 64))
     with pytest.raises(ValueError, match=r"expected a tensor \[\.\.\., 64\]"):
         InputTransform(smooth=torch.ones(64)).apply(torch.zeros(3, 32))
 
@@ -325,10 +381,27 @@ def test_quant_linear_keeps_no_float_weight_and_really_shrinks():
     int8 = QuantLinear.from_float(lin, w_bits=8, a_bits=8, group_size=64)
     assert int8.weight_packed.dtype == torch.int8 and int8.weight_scale.shape == (128, 4)
     transformed = QuantLinear.from_float(lin, 4, 8, transform=duquant(lin.weight))
-    assert {"input_rotation1", "input_perm", "input_rotation2"} <= set(transformed.state_dict())
-    assert transformed.weight_bytes() == layer.weight_bytes() + 2 * 4 * 64 * 64 * 4 + 256 * 8
+    assert {"input_rotation1_signs", "input_perm", "input_rotation2_signs"} <= set(transformed.state_dict())
+    assert transformed.transform.rotation1_signs is transformed.input_rotation1_signs  # wraps, never copies
+    assert transformed.weight_bytes() == layer.weight_bytes() + 2 * 256 * 1 + 256 * 8
     assert "w_bits=4, a_bits=8, group_size=None" in repr(layer)
-    assert "transform=rotation1+perm+rotation2" in repr(transformed)
+    assert "transform=rotation1_signs+perm+rotation2_signs" in repr(transformed)
+
+
+def test_hadamard_duquant_layers_keep_the_memory_target_and_svd_ones_do_not():
+    k, n = 4096, 1024
+    lin = _linear(k=k, n=n, bias=False)
+    bf16 = 2 * n * k
+    sizes = {}
+    for rotation in ("hadamard", "svd"):
+        transform = duquant(lin.weight, rotation=rotation)
+        layer = QuantLinear.from_float(lin, 4, 8, transform=transform, clip_grid=(1.0,))
+        sizes[rotation] = layer.weight_bytes() / bf16
+        state = layer.state_dict()
+        blocks = [name for name, t in state.items() if t.is_floating_point() and t.shape == (k // 64, 64, 64)]
+        assert blocks == ([] if rotation == "hadamard" else ["input_rotation1", "input_rotation2"])
+    # Two dense float32 rotations cost 2 · 64 · 4 bytes per input channel, half the int4 weight here.
+    assert sizes["hadamard"] <= 0.30 < sizes["svd"], sizes
 
 
 @pytest.mark.parametrize(
@@ -359,22 +432,24 @@ def test_duquant_beats_plain_rtn_on_outlier_input_channels(case, w_bits, a_bits,
     assert rotated < 0.8 * rtn, (rtn, rotated)
 
 
-def test_empty_then_load_state_dict_reproduces_the_layer():
+@pytest.mark.parametrize(
+    ("rotation", "kind"),
+    [("hadamard", "smooth+rotation1_signs+perm+rotation2_signs"), ("svd", "smooth+rotation1+perm+rotation2")],
+)
+def test_empty_then_load_state_dict_reproduces_the_layer(rotation, kind):
     lin = _linear().to(torch.bfloat16)
     x = _outlier_activations(6, K, _gen(6)).to(torch.bfloat16)
-    transform = duquant(lin.weight.float(), x.float().abs().amax(0), smooth_alpha=0.5)
+    transform = duquant(lin.weight.float(), x.float().abs().amax(0), smooth_alpha=0.5, block_size=32, rotation=rotation)
     scales = percentile_channel_scales([transform.apply(x.float())], bits=8)
     layer = QuantLinear.from_float(lin, 4, 8, group_size=32, transform=transform, input_scale=scales)
     spec = layer.spec()
-    assert spec["transform_kind"] == "smooth+rotation1+perm+rotation2" and spec["bias_dtype"] == "bfloat16"
+    assert spec["transform_kind"] == kind and spec["block_size"] == 32 and spec["bias_dtype"] == "bfloat16"
 
     on_meta = QuantLinear.from_spec(spec, device="meta")
     shapes = {n: (t.shape, t.dtype) for n, t in layer.state_dict().items()}
     assert {n: (t.shape, t.dtype) for n, t in on_meta.state_dict().items()} == shapes
 
-    rebuilt = QuantLinear.empty(
-        K, N, True, 4, 8, 32, spec["transform_kind"], static_input=True, bias_dtype=torch.bfloat16
-    )
+    rebuilt = QuantLinear.empty(K, N, True, 4, 8, 32, kind, block_size=32, static_input=True, bias_dtype=torch.bfloat16)
     rebuilt.load_state_dict(layer.state_dict())
     assert torch.equal(rebuilt(x), layer(x))
     from_spec = QuantLinear.from_spec(spec)
@@ -397,8 +472,10 @@ def test_scale_output_rows_equals_scaling_the_output():
 def test_casting_the_model_keeps_scales_and_rotations_in_float32():
     lin = _linear()
     layer = QuantLinear.from_float(lin, 4, 8, transform=duquant(lin.weight))
-    model = nn.Sequential(layer).to(torch.bfloat16)
-    assert layer.weight_scale.dtype == torch.float32 and layer.input_rotation1.dtype == torch.float32
+    svd = QuantLinear.from_float(lin, 4, 8, transform=duquant(lin.weight, rotation="svd"))
+    model = nn.Sequential(layer, nn.Linear(N, K), svd).to(torch.bfloat16)
+    assert layer.weight_scale.dtype == torch.float32 and layer.input_rotation1_signs.dtype == torch.int8
+    assert svd.input_rotation1.dtype == svd.input_rotation2.dtype == torch.float32
     assert layer.bias.dtype == torch.bfloat16 and layer.weight_packed.dtype == torch.uint8
     assert model(torch.randn(2, K).bfloat16()).dtype == torch.bfloat16
 
