@@ -28,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "quantvla = quantvla_ros.cli:main",
+            "policy_node = quantvla_ros.ros.policy_node:main",
         ],
     },
 )

@@ -1,0 +1,280 @@
+"""The policy node as launch starts it (entry point + params file), over real DDS on loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from PIL import Image as PILImage
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import String
+from trajectory_msgs.msg import JointTrajectory
+
+from conftest import ACTION_DIM, STATE_DIM
+
+pytestmark = pytest.mark.integration
+STATE_JOINTS = [f"joint{i}" for i in range(STATE_DIM)]
+ACTION_JOINTS = [f"act{i}" for i in range(ACTION_DIM)]
+DT = 0.05
+
+
+def start_node(params: dict, tmp_path: Path, name: str = "policy") -> subprocess.Popen:
+    """Entry point + params file, exactly what `ros2 launch` runs."""
+    file = tmp_path / f"{name}.yaml"
+    file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    exe = Path(sys.executable).parent / "policy_node"
+    return subprocess.Popen(
+        [str(exe), "--ros-args", "--params-file", str(file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ},
+    )
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def params(policy_path: Path, **overrides) -> dict:
+    base = {
+        "policy_path": str(policy_path),
+        "device": "cpu",
+        "camera_names": ["base_0_rgb", "left_wrist_0_rgb"],
+        "camera_topics": ["/test/base/image_raw", "/test/wrist/image_raw/compressed"],
+        "camera_types": ["raw", "compressed"],
+        "instruction_topic": "/test/instruction",
+        "joint_states_topic": "/test/joint_states",
+        "state_joints": STATE_JOINTS,
+        "action_joints": ACTION_JOINTS,
+        "action_topic": "/test/action_chunk",
+        "action_dt": DT,
+        "inference_rate": 10.0,
+        "max_input_age": 0.6,
+        "seed": 0,
+    }
+    base.update(overrides)
+    return base
+
+
+def raw_image(width: int = 40, height: int = 30, pad: int = 8, encoding: str = "rgb8", stamp: float = 0.0) -> Image:
+    rng = np.random.default_rng(0)
+    channels = {"rgb8": 3, "bgr8": 3, "mono8": 1, "rgba8": 4}.get(encoding, 2)
+    step = width * channels + pad
+    data = rng.integers(0, 256, (height, step), dtype=np.uint8)
+    msg = Image(height=height, width=width, encoding=encoding, step=step, data=data.tobytes())
+    msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp), int((stamp % 1) * 1e9)
+    return msg
+
+
+def jpeg(width: int = 32, height: int = 24) -> CompressedImage:
+    buf = io.BytesIO()
+    PILImage.fromarray(np.full((height, width, 3), 120, np.uint8)).save(buf, format="JPEG")
+    return CompressedImage(format="jpeg", data=buf.getvalue())
+
+
+def joints(values=None, names=None) -> JointState:
+    values = np.linspace(-1, 1, STATE_DIM) if values is None else values
+    return JointState(name=names or list(reversed(STATE_JOINTS)), position=[float(v) for v in reversed(values)])
+
+
+class Peer:
+    """The robot side: publishes inputs, collects trajectories and diagnostics."""
+
+    def __init__(self) -> None:
+        self.node = rclpy.create_node(f"peer_{os.getpid()}_{time.monotonic_ns()}")
+        latched = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        self.base = self.node.create_publisher(Image, "/test/base/image_raw", qos_profile_sensor_data)
+        self.wrist = self.node.create_publisher(
+            CompressedImage, "/test/wrist/image_raw/compressed", qos_profile_sensor_data
+        )
+        self.instruction = self.node.create_publisher(String, "/test/instruction", latched)
+        self.joints = self.node.create_publisher(JointState, "/test/joint_states", qos_profile_sensor_data)
+        self.trajectories: list[JointTrajectory] = []
+        self.diagnostics: list[DiagnosticArray] = []
+        self.node.create_subscription(JointTrajectory, "/test/action_chunk", self.trajectories.append, 10)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+
+    def spin(self, seconds: float, publish=None) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if publish is not None:
+                publish()
+            rclpy.spin_once(self.node, timeout_sec=0.05)
+
+    def wait_for(self, condition, seconds: float, publish=None) -> bool:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if condition():
+                return True
+            self.spin(0.1, publish)
+        return condition()
+
+    def good_inputs(self, stamp: float = 0.0):
+        def publish() -> None:
+            self.base.publish(raw_image(stamp=stamp))
+            self.wrist.publish(jpeg())
+            self.joints.publish(joints())
+
+        return publish
+
+    def last_status(self):
+        statuses = [s for d in self.diagnostics for s in d.status if s.name == "quantvla_ros: policy_node"]
+        return statuses[-1] if statuses else None
+
+
+@pytest.fixture(scope="module")
+def ros():
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+@pytest.fixture
+def peer(ros):
+    p = Peer()
+    yield p
+    p.node.destroy_node()
+
+
+@pytest.fixture(scope="module")
+def policy_path(checkpoints) -> Path:
+    return checkpoints[(True, "openpi")]
+
+
+def test_node_publishes_action_chunks_and_diagnostics(policy_path, peer, tmp_path):
+    proc = start_node(params(policy_path), tmp_path)
+    try:
+        peer.instruction.publish(String(data="pick up the red cup"))
+        assert peer.wait_for(lambda: peer.trajectories, 60, peer.good_inputs(stamp=1234.5)), stop(proc)
+        msg = peer.trajectories[-1]
+        assert list(msg.joint_names) == ACTION_JOINTS
+        assert len(msg.points) == 5
+        times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+        np.testing.assert_allclose(times, [DT * (k + 1) for k in range(5)], atol=1e-6)
+        assert all(len(p.positions) == ACTION_DIM and np.isfinite(p.positions).all() for p in msg.points)
+        assert msg.header.stamp.sec == 1234 and abs(msg.header.stamp.nanosec - 5e8) < 1e3
+        assert peer.wait_for(
+            lambda: peer.last_status() is not None and peer.last_status().level == DiagnosticStatus.OK,
+            10,
+            peer.good_inputs(),
+        ), peer.last_status()
+        values = {kv.key: kv.value for kv in peer.last_status().values}
+        assert values["quantization"] == "float" and float(values["latency_p50_ms"]) > 0
+        assert "age_camera:base_0_rgb" in values and values["withheld"] == "no"
+    finally:
+        stop(proc)
+
+
+def test_bad_messages_are_dropped_and_the_node_keeps_serving(policy_path, peer, tmp_path):
+    proc = start_node(params(policy_path), tmp_path)
+    try:
+        peer.instruction.publish(String(data="open the top drawer"))
+        assert peer.wait_for(lambda: peer.trajectories, 60, peer.good_inputs()), stop(proc)
+        bad = {
+            "base": [
+                raw_image(encoding="yuv422"),
+                Image(height=30, width=40, encoding="rgb8", step=120, data=b"\x00" * 50),
+            ],
+            "wrist": [CompressedImage(format="jpeg", data=b"not a jpeg at all")],
+            "joints": [
+                joints(names=["elbow"] * STATE_DIM),
+                joints(values=[np.nan] * STATE_DIM),
+                JointState(name=STATE_JOINTS, position=[0.0]),
+            ],
+        }
+        for topic, messages in bad.items():
+            for message in messages:
+
+                def one_bad_input(topic=topic, message=message) -> None:
+                    peer.base.publish(message if topic == "base" else raw_image())
+                    peer.wrist.publish(message if topic == "wrist" else jpeg())
+                    peer.joints.publish(message if topic == "joints" else joints())
+
+                peer.spin(0.6, one_bad_input)
+        good = peer.good_inputs()
+        count = len(peer.trajectories)
+        assert peer.wait_for(lambda: len(peer.trajectories) >= count + 3, 30, good), stop(proc)
+        assert proc.poll() is None
+        assert peer.wait_for(lambda: peer.last_status() is not None, 5, good)
+        values = {kv.key: kv.value for kv in peer.last_status().values}
+        for cause in ("encoding:yuv422", "data", "decode", "joint-missing", "joint-nan", "joint-size"):
+            assert cause in values["bad_messages"], values["bad_messages"]
+
+        def mono_and_bgr() -> None:
+            peer.base.publish(raw_image(encoding="mono8", pad=3))
+            peer.base.publish(raw_image(encoding="bgr8", pad=0))
+            peer.wrist.publish(jpeg())
+            peer.joints.publish(joints())
+
+        count = len(peer.trajectories)
+        assert peer.wait_for(lambda: len(peer.trajectories) > count + 1, 20, mono_and_bgr)
+    finally:
+        out = stop(proc)
+    assert out.count("Dropping camera:base_0_rgb message: image encoding 'yuv422'") == 1
+
+
+def test_stale_or_missing_inputs_withhold_actions(policy_path, peer, tmp_path):
+    proc = start_node(params(policy_path), tmp_path)
+    try:
+        # No instruction yet: inputs flow, but nothing may be published.
+        peer.spin(3.0, peer.good_inputs())
+        assert not peer.trajectories
+        assert peer.wait_for(lambda: peer.last_status() is not None, 10, peer.good_inputs()), stop(proc)
+        status = peer.last_status()
+        assert status.level == DiagnosticStatus.WARN and "missing instruction" in status.message
+        peer.instruction.publish(String(data="push the green button"))
+        assert peer.wait_for(lambda: peer.trajectories, 60, peer.good_inputs()), stop(proc)
+
+        def cameras_only() -> None:
+            peer.base.publish(raw_image())
+            peer.wrist.publish(jpeg())
+
+        peer.spin(1.5, cameras_only)  # joint states now older than max_input_age
+        count = len(peer.trajectories)
+        peer.spin(2.0, cameras_only)
+        assert len(peer.trajectories) == count
+        status = peer.last_status()
+        assert (
+            status.level == DiagnosticStatus.WARN
+            and "older than" in status.message
+            and "joint_states" in status.message
+        )
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"policy_path": "/nonexistent/policy"}, "does not exist"),
+        ({"camera_names": ["top_cam", "left_wrist_0_rgb"]}, "are not cameras of this policy"),
+        ({"action_joints": ["a", "b"]}, "action_joints lists 2 joints but the policy outputs 4"),
+        ({"camera_types": ["raw", "h264"]}, "camera_types ['h264'] are not allowed"),
+        ({"image_qos": "FAST"}, "QoS 'FAST' is not known"),
+    ],
+    ids=["bad-path", "unknown-camera", "action-joints", "image-type", "qos"],
+)
+def test_configuration_errors_exit_with_one_sentence(policy_path, tmp_path, overrides, message):
+    proc = start_node({**params(policy_path), **overrides}, tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert message in out and "Traceback" not in out
