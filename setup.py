@@ -29,6 +29,7 @@ setup(
         "console_scripts": [
             "quantvla = quantvla_ros.cli:main",
             "policy_node = quantvla_ros.ros.policy_node:main",
+            "calibration_node = quantvla_ros.ros.calibration_node:main",
         ],
     },
 )

@@ -177,6 +177,28 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     print(summary.read_text())
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from rclpy.parameter import Parameter
+
+    from quantvla_ros.data.mapping import read_params_file
+    from quantvla_ros.ros.calibration_node import CALIBRATION_PARAMETERS, run_calibration
+
+    params = {k: v for k, v in CALIBRATION_PARAMETERS.items() if not isinstance(v, Parameter.Type)}
+    for file in args.params_file:
+        params.update(read_params_file(Path(file), "calibration_node"))
+    overrides = {
+        "policy_path": args.policy_path,
+        "bags": args.bags,
+        "buffer": args.buffer,
+        "samples": args.samples,
+        "artifact": args.artifact,
+        "method": args.method,
+        "device": args.device,
+    }
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    run_calibration(params)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from quantvla_ros.demo import run_demo
 
@@ -252,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default="cpu")
     fid.add_argument("--batch-size", type=int, default=8)
     fid.set_defaults(func=cmd_fidelity)
+
+    calib = sub.add_parser("calibrate", help="recorded bags -> calibration buffer (-> quantized artifact)")
+    calib.add_argument(
+        "--params-file", action="append", required=True, help="ROS 2 params YAML (policy.yaml, then calibration.yaml)"
+    )
+    calib.add_argument("--policy-path", help="float checkpoint folder")
+    calib.add_argument("--bags", nargs="+", help="rosbag2 folders or ROS 1 .bag files")
+    calib.add_argument("--buffer", help="calibration buffer to write")
+    calib.add_argument("--samples", type=int)
+    calib.add_argument("--artifact", help="also quantize into this artifact folder")
+    calib.add_argument("--method", choices=("quantvla", "rtn", "smoothquant", "duquant"))
+    calib.add_argument("--device")
+    calib.set_defaults(func=cmd_calibrate)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default policy")
     demo.add_argument("--out", default="build/demo")

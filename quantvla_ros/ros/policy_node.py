@@ -24,7 +24,6 @@ import rclpy
 import torch
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -37,34 +36,21 @@ from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.data.messages import MessageError, compressed_to_rgb, image_to_rgb, joint_positions, stamp_seconds
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.policy import Observation, Policy
+from quantvla_ros.ros.params import declare, require
 from quantvla_ros.ros.qos import qos_from_string
 
-PARAMETERS = {
+# Defaults; a bare type marks a parameter the params file must set.
+PARAMETERS: dict[str, object] = {
     "policy_path": Parameter.Type.STRING,
-    "device": Parameter.Type.STRING,
-    "dtype": Parameter.Type.STRING,
+    "device": "cpu",
+    "dtype": "",
     "camera_names": Parameter.Type.STRING_ARRAY,
     "camera_topics": Parameter.Type.STRING_ARRAY,
     "camera_types": Parameter.Type.STRING_ARRAY,
-    "instruction_topic": Parameter.Type.STRING,
-    "joint_states_topic": Parameter.Type.STRING,
-    "state_joints": Parameter.Type.STRING_ARRAY,
-    "action_joints": Parameter.Type.STRING_ARRAY,
-    "action_topic": Parameter.Type.STRING,
-    "action_dt": Parameter.Type.DOUBLE,
-    "inference_rate": Parameter.Type.DOUBLE,
-    "max_input_age": Parameter.Type.DOUBLE,
-    "image_qos": Parameter.Type.STRING,
-    "instruction_qos": Parameter.Type.STRING,
-    "joint_states_qos": Parameter.Type.STRING,
-    "action_qos": Parameter.Type.STRING,
-    "seed": Parameter.Type.INTEGER,
-}
-DEFAULTS = {
-    "device": "cpu",
-    "dtype": "",
     "instruction_topic": "/instruction",
     "joint_states_topic": "/joint_states",
+    "state_joints": Parameter.Type.STRING_ARRAY,
+    "action_joints": Parameter.Type.STRING_ARRAY,
     "action_topic": "/action_chunk",
     "action_dt": 0.1,
     "inference_rate": 5.0,
@@ -75,24 +61,8 @@ DEFAULTS = {
     "action_qos": "RELIABLE",
     "seed": -1,
 }
+REQUIRED = ["policy_path", "camera_names", "camera_topics", "state_joints", "action_joints"]
 DTYPES = {"": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def declare_parameters(node: Node) -> dict:
-    """Declare every parameter; required ones (no default) must come from the params file."""
-    values = {}
-    for name, kind in PARAMETERS.items():
-        node.declare_parameter(name, DEFAULTS[name] if name in DEFAULTS else kind)
-        try:
-            values[name] = node.get_parameter(name).value
-        except ParameterUninitializedException:
-            values[name] = None
-    required = ["policy_path", "camera_names", "camera_topics", "state_joints", "action_joints"]
-    missing = [n for n in required if not values[n]]
-    if missing:
-        raise ValueError(f"Parameter(s) {', '.join(missing)} must be set (see config/policy.yaml).")
-    values["camera_types"] = values["camera_types"] or ["raw"] * len(values["camera_names"])
-    return values
 
 
 @dataclass
@@ -105,7 +75,8 @@ class Stored:
 class PolicyNode(Node):
     def __init__(self) -> None:
         super().__init__("policy_node")
-        p = declare_parameters(self)
+        p = declare(self, PARAMETERS)
+        require(p, REQUIRED, "config/policy.yaml")
         self.mapping = TopicMapping.from_params(p)
         if p["dtype"] not in DTYPES:
             raise ValueError(f"Parameter dtype {p['dtype']!r} must be one of float32, bfloat16, float16 or empty.")
