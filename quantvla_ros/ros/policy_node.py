@@ -1,8 +1,9 @@
 """The policy node: cameras + instruction + joint states in, action chunks out.
 
 Subscription callbacks only store the newest message. A timer at `inference_rate` takes a
-snapshot of the inputs and, if every required input is present, fresh (younger than
-`max_input_age` on the node's clock, so sim time works) and well-formed, hands it to a single
+snapshot of the inputs and, if the first camera has a new frame since the last inference and every
+required input is present, fresh (younger than `max_input_age` on the node's clock, so sim
+time works) and well-formed, hands it to a single
 worker thread that converts it, runs `Policy.predict` and publishes a
 `trajectory_msgs/JointTrajectory`: one point per action step, `time_from_start = (k+1)·dt`,
 `header.stamp` = the time of the observation used. Inference never runs in a callback, and at
@@ -68,7 +69,8 @@ DTYPES = {"": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "fl
 @dataclass
 class Stored:
     msg: object
-    received: Time
+    received: Time  # node clock (sim time when use_sim_time), for input ages
+    arrived: float  # perf_counter, for the node's own overhead
     used: bool = False
 
 
@@ -94,6 +96,8 @@ class PolicyNode(Node):
         self._busy = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._latencies: list[float] = []
+        # Newest input's arrival -> publish, minus the model: timer wait, conversion, messages.
+        self._overheads: list[float] = []
         self._inferences = 0
         self._dropped_frames = 0
         self._bad_messages: dict[str, int] = {}
@@ -161,7 +165,7 @@ class PolicyNode(Node):
             previous = self._latest.get(key)
             if key.startswith("camera:") and previous is not None and not previous.used:
                 self._dropped_frames += 1
-            self._latest[key] = Stored(msg, self.get_clock().now())
+            self._latest[key] = Stored(msg, self.get_clock().now(), time.perf_counter())
 
     def _required(self) -> list[str]:
         return [f"camera:{c}" for c in self.mapping.camera_names] + ["instruction", "joint_states"]
@@ -188,6 +192,8 @@ class PolicyNode(Node):
                 )
                 return
             snapshot = {k: self._latest[k] for k in self._required()}
+            if snapshot[f"camera:{self.mapping.camera_names[0]}"].used:
+                return  # no new frame of the first camera since the last inference: nothing new to act on
             for stored in snapshot.values():
                 stored.used = True
             self._busy = True
@@ -238,8 +244,11 @@ class PolicyNode(Node):
             chunk = self.policy.predict(obs, noise)
             latency = time.perf_counter() - start
             self._actions.publish(self._trajectory(chunk.actions, observed))
+            newest = max(s.arrived for k, s in snapshot.items() if k != "instruction")
+            overhead = time.perf_counter() - newest - latency
             with self._lock:
                 self._latencies = (self._latencies + [latency])[-200:]
+                self._overheads = (self._overheads + [overhead])[-200:]
                 self._inferences += 1
                 self._withheld = ""
                 self._error = ""
@@ -272,6 +281,7 @@ class PolicyNode(Node):
         with self._lock:
             now = self.get_clock().now()
             latencies = np.array(self._latencies) * 1e3
+            overheads = np.array(self._overheads) * 1e3
             ages = {k: (self._age(v, now) if v is not None else None) for k, v in self._latest.items()}
             withheld, error = self._withheld, self._error
             values = {
@@ -283,6 +293,7 @@ class PolicyNode(Node):
         values.update(
             latency_p50_ms=f"{np.percentile(latencies, 50):.2f}" if latencies.size else "n/a",
             latency_p95_ms=f"{np.percentile(latencies, 95):.2f}" if latencies.size else "n/a",
+            node_overhead_p50_ms=f"{np.percentile(overheads, 50):.2f}" if overheads.size else "n/a",
             model=f"{'pi05' if self.policy.model.cfg.pi05 else 'pi0'} from {self.policy.info.path}",
             quantization="float" if quant is None else f"{quant['method']} W{quant['w_bits']}A{quant['a_bits']}",
             withheld=withheld or "no",

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import rclpy
 import yaml
+from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from PIL import Image as PILImage
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
@@ -278,3 +280,22 @@ def test_configuration_errors_exit_with_one_sentence(policy_path, tmp_path, over
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert message in out and "Traceback" not in out
+
+
+def test_use_sim_time_stamps_and_ages_follow_clock(policy_path, peer, tmp_path):
+    clock = peer.node.create_publisher(Clock, "/clock", 10)
+    sim = {"t": 500.0}
+
+    def inputs_and_clock() -> None:
+        sim["t"] += 0.01
+        clock.publish(Clock(clock=TimeMsg(sec=int(sim["t"]), nanosec=int((sim["t"] % 1) * 1e9))))
+        peer.good_inputs(stamp=0.0)()  # unstamped frames: the node stamps them on its (sim) clock
+
+    proc = start_node({**params(policy_path), "use_sim_time": True}, tmp_path)
+    try:
+        peer.instruction.publish(String(data="reach the target"))
+        assert peer.wait_for(lambda: peer.trajectories, 60, inputs_and_clock), stop(proc)
+        stamp = peer.trajectories[-1].header.stamp
+        assert 500.0 <= stamp.sec + stamp.nanosec * 1e-9 <= sim["t"]
+    finally:
+        stop(proc)

@@ -1,0 +1,300 @@
+"""Integer GEMMs against cuBLAS bf16 at π0.5 and GR00T N1.5 layer shapes, all in one run on one CUDA card.
+
+    python bench/gemm.py --json bench/gemm.json
+
+Per shape: cuBLAS bf16 (torch.matmul), torch._int_mm (int8, weights N x K passed as w.t()),
+fp8 row-wise torch._scaled_mm (where the card has fp8), and quantvla_kernels' Triton W8A8,
+W4A8 and W4A4 GEMMs on pre-quantized activations (split-K off, and on where the heuristic
+splits), plus each whole layer as QuantLinear runs it on CUDA (per-token quantization + GEMM).
+Every kernel is checked against the exact reference before it is timed; a kernel that fails
+is reported and the run goes on. Two medians per row: triton.testing.do_bench, eager (L2
+flushed between runs, so weights come from HBM, but Python and launch overhead count), and
+do_bench_cudagraph (replayed from a CUDA graph, as a deployed expert loop would run: no launch
+overhead, L2 warm). Ceilings are measured in the same run: device-to-device copy bandwidth and
+8192³ bf16 / int8 GEMMs. Not a test: it needs a GPU and takes a few minutes, most of them
+autotuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from functools import partial
+
+import torch
+
+# name, M, K, N (reference/kernels.md): π0.5 prefix (Gemma 2B, ~968 tokens) and action expert
+# (horizon 50 + state, 56 rows); GR00T N1.5 DiT action head (56 rows) and its Qwen3-1.7B backbone.
+SHAPES = [
+    ("pi05 llm qkv", 968, 2048, 2560),
+    ("pi05 llm o", 968, 2048, 2048),
+    ("pi05 llm gate+up", 968, 2048, 32768),
+    ("pi05 llm down", 968, 16384, 2048),
+    ("pi05 expert qkv", 56, 1024, 2560),
+    ("pi05 expert o", 56, 2048, 1024),
+    ("pi05 expert gate+up", 56, 1024, 8192),
+    ("pi05 expert down", 56, 4096, 1024),
+    ("gr00t dit ff up", 56, 1536, 6144),
+    ("gr00t dit ff down", 56, 6144, 1536),
+    ("gr00t qwen3 gate+up", 304, 2048, 12288),
+    ("gr00t qwen3 down", 304, 6144, 2048),
+]
+# Fixed tiles for the int32 accumulator checks, so that checking adds no autotuning.
+CHECK_CONFIG = {"BM": 64, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 3}
+
+
+def bench(fn, args: argparse.Namespace) -> float:
+    """Median microseconds of fn(), eager, L2 flushed before each run."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e3
+
+
+def bench_graph(fn, args: argparse.Namespace) -> float | None:
+    """Median microseconds of fn() replayed from a CUDA graph, or None if it cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=args.rep, return_mode="median") * 1e3
+    except RuntimeError as e:
+        print(f"  no CUDA graph timing: {str(e).splitlines()[0][:200]}")
+        return None
+
+
+def ceilings(args: argparse.Namespace) -> dict[str, float]:
+    n = 8192
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    copy_us = bench(partial(torch.Tensor.copy_, torch.empty_like(src), src), args)
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bf16_us = bench(partial(torch.matmul, a, b), args)
+    a8, b8 = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device="cuda") for _ in range(2))
+    int8_us = bench(partial(torch._int_mm, a8, b8.t()), args)  # column-major B: cuBLASLt's fast path
+    return {
+        "copy_TBps": 2 * 2**30 / copy_us / 1e6,  # bytes read + written
+        "bf16_TFLOPs": 2 * n**3 / bf16_us / 1e6,
+        "int8_TOPs": 2 * n**3 / int8_us / 1e6,
+    }
+
+
+class Layer:
+    """The QuantLinear attributes quantvla_kernels.quantized_matmul reads, per-channel weight scales."""
+
+    def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, w_bits: int, a_bits: int):
+        from quantvla_kernels import pack_int4
+
+        self.weight_packed = pack_int4(w_q) if w_bits == 4 else w_q
+        self.weight_scale, self.w_bits, self.a_bits = w_scale, w_bits, a_bits
+        self.in_features, self.group_size, self.bias, self.input_scale = w_q.shape[1], None, None, None
+
+
+def mismatch(what: str, got: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """None, or what differs: integers must match exactly, bf16 within one bf16 step."""
+    if not got.dtype.is_floating_point:
+        bad = (got != ref).sum().item()
+        return f"{what}: {bad} of {ref.numel()} integers differ" if bad else None
+    err = (got.float() - ref.float()).abs()
+    bad = (err > 2**-7 * ref.float().abs()).sum().item() + got.isnan().sum().item()
+    return f"{what}: {bad} of {ref.numel()} values differ by more than one bf16 step" if bad else None
+
+
+class Shape:
+    """One layer shape: inputs, quantized weights, and the rows of the table it contributes."""
+
+    def __init__(self, name: str, m: int, k: int, n: int, caps: dict, args: argparse.Namespace):
+        self.name, self.m, self.k, self.n, self.caps, self.args = name, m, k, n, caps, args
+        gen = torch.Generator(device="cuda").manual_seed(m * k + n)
+        self.x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        self.w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k**-0.5
+        self.rows: list[dict] = []
+        self.failures: list[str] = []
+
+    def record(self, method: str, fn, w_bytes: float, a_bytes: float, int_ops: bool, problem: str | None = None):
+        """Time fn and add a row; a kernel that disagrees with the reference is timed but flagged."""
+        us, us_graph = bench(fn, self.args), bench_graph(fn, self.args)
+        m, k, n = self.m, self.k, self.n
+        tops = 2 * m * k * n / us / 1e6
+        tbps = (k * n * w_bytes + m * k * a_bytes + 2 * m * n) / us / 1e6
+        peak = self.caps["int8_TOPs"] if int_ops else self.caps["bf16_TFLOPs"]
+        self.rows.append({
+            "shape": self.name, "M": m, "K": k, "N": n, "method": method, "us": round(us, 2),
+            "us_graph": None if us_graph is None else round(us_graph, 2),
+            "TOPs": round(tops, 1), "compute_frac": round(tops / peak, 3),
+            "TBps": round(tbps, 3), "bandwidth_frac": round(tbps / self.caps["copy_TBps"], 3),
+            "check": problem or "ok",
+        })  # fmt: skip
+        if problem:
+            self.failures.append(f"{self.name} {method}: {problem}")
+
+    def quantize_weight(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel round-to-nearest codes and scales (QuantLinear adds a clipping search)."""
+        qmax = 2 ** (bits - 1) - 1
+        scale = (self.w.float().abs().amax(dim=1) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+        return torch.round(self.w.float() / scale[:, None]).clamp(-qmax - 1, qmax).to(torch.int8), scale
+
+    def baselines(self) -> None:
+        from quantvla_kernels import quantize_per_token
+
+        x, w = self.x, self.w
+        self.record("bf16 cuBLAS", partial(torch.matmul, x, w.t()), 2, 2, False)
+        if self.m > 16:  # cuBLAS's _int_mm needs M > 16
+            a8, w8 = quantize_per_token(x, 8)[0], self.quantize_weight(8)[0]
+            self.record("int8 torch._int_mm", partial(torch._int_mm, a8, w8.t()), 1, 1, True)
+        fp8 = torch.float8_e4m3fn
+        xs = (x.float().abs().amax(dim=1, keepdim=True) / torch.finfo(fp8).max).clamp(min=1e-12)
+        ws = (w.float().abs().amax(dim=1, keepdim=True) / torch.finfo(fp8).max).clamp(min=1e-12)
+        fn = partial(
+            torch._scaled_mm, (x.float() / xs).to(fp8), (w.float() / ws).to(fp8).t(),
+            scale_a=xs, scale_b=ws.t().contiguous(), out_dtype=torch.bfloat16,
+        )  # fmt: skip
+        try:
+            fn()
+        except RuntimeError as e:
+            print(f"  {self.name}: no fp8 row-wise _scaled_mm on this card ({str(e).splitlines()[0]})")
+            return
+        self.record("fp8 rowwise _scaled_mm", fn, 1, 1, True)
+
+    def ours(self, label: str, w_bits: int, a_bits: int) -> None:
+        from quantvla_kernels import int_matmul, quantize_per_token, quantized_matmul, scaled_int_matmul
+        from quantvla_kernels import triton_gemm as tg
+        from quantvla_kernels import triton_quant as tq
+
+        w_q, w_scale = self.quantize_weight(w_bits)
+        layer = Layer(w_q, w_scale, w_bits, a_bits)
+        a_q, a_scale = quantize_per_token(self.x, a_bits)
+        ref = scaled_int_matmul(a_q, a_scale, w_q, w_scale, None, None, torch.bfloat16)
+        ref_acc = int_matmul(a_q, w_q)
+        got_q, got_scale = tq.quantize_rows(self.x, a_bits)
+        quant_problem = mismatch("quantize_rows codes", got_q, a_q) or mismatch(
+            "quantize_rows scales", got_scale, a_scale
+        )
+
+        auto = tg.pick_split_k(self.m, self.n, self.k, None, self.x.device)
+        for split in sorted({1, auto}):
+            method = f"{label} triton" + (f" split-K {split}" if split > 1 else "")
+            problem = quant_problem
+            # The raw accumulator, repeatedly where split-K's cross-CTA reduction could race.
+            for _ in range(5 if split > 1 else 1):
+                acc = tg.int_gemm(a_q, layer.weight_packed, w_bits, split, config=CHECK_CONFIG)
+                problem = problem or mismatch("int32 accumulator", acc, ref_acc)
+            gemm = partial(
+                tg.scaled_int_gemm,
+                a_q,
+                a_scale,
+                layer.weight_packed,
+                w_scale,
+                w_bits,
+                None,
+                None,
+                torch.bfloat16,
+                split,
+            )
+            y = gemm()  # the first call autotunes
+            problem = problem or mismatch("output", y, ref)
+            self.record(method, gemm, w_bits / 8, 1, True, problem)
+            # Expected with per-channel scales: the epilogue rounds like the reference (no FMA).
+            self.rows[-1]["bit_identical"] = torch.equal(y, ref)
+            self.rows[-1]["config"] = str(tg._tuned.best_config)
+
+        layer_fn = partial(quantized_matmul, self.x, layer, torch.bfloat16)
+        problem = quant_problem or mismatch("quantized_matmul", layer_fn(), ref)
+        self.record(f"{label} layer (quant + GEMM)", layer_fn, w_bits / 8, 2, True, problem)
+
+    def run(self) -> None:
+        self.baselines()
+        for label, w_bits, a_bits in (("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A4", 4, 4)):
+            try:
+                self.ours(label, w_bits, a_bits)
+            except Exception as e:  # one broken kernel must not cost the rest of a scarce GPU run
+                self.failures.append(f"{self.name} {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                print(f"  {self.failures[-1]}")
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'shape':<22}{'M x K x N':>19}  {'method':<30}{'us':>8}{'x bf16':>8}{'graph us':>9}{'x bf16':>8}"
+        f"{'TOP/s':>7}{'%peak':>6}{'TB/s':>6}{'%bw':>5}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        dims = f"{r['M']}x{r['K']}x{r['N']}"
+        flag = "" if r["check"] == "ok" else "  FAIL " + r["check"]
+        graph = "-" if r["us_graph"] is None else f"{r['us_graph']:.1f}"
+        graph_ratio = "-" if r["vs_bf16_graph"] is None else f"{r['vs_bf16_graph']:.2f}"
+        print(
+            f"{r['shape']:<22}{dims:>19}  {r['method']:<30}{r['us']:>8.1f}{r['vs_bf16']:>8.2f}"
+            f"{graph:>9}{graph_ratio:>8}"
+            f"{r['TOPs']:>7.0f}{100 * r['compute_frac']:>6.0f}{r['TBps']:>6.2f}{100 * r['bandwidth_frac']:>5.0f}{flag}"
+        )
+    print(
+        "us: eager, L2 flushed; graph us: CUDA graph replay. TOP/s, TB/s from the eager time; %peak: of the 8192³\n"
+        "int8 _int_mm (integer kernels) or bf16 GEMM (bf16); %bw: of device-to-device copy bandwidth."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the figures, card and date to this file")
+    parser.add_argument("--shapes", help="comma-separated substrings of shape names to run (default: all)")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench timed repetitions, ms")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/gemm.py: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine.")
+    try:
+        import triton
+    except ModuleNotFoundError:
+        sys.exit("bench/gemm.py: triton is not installed; install the pin in requirements.txt.")
+
+    start = time.time()
+    card = torch.cuda.get_device_name()
+    print(f"{card}, torch {torch.__version__}, triton {triton.__version__}")
+    caps = ceilings(args)
+    print(
+        f"ceilings: copy {caps['copy_TBps']:.2f} TB/s, bf16 {caps['bf16_TFLOPs']:.0f} TFLOP/s, "
+        f"int8 _int_mm {caps['int8_TOPs']:.0f} TOP/s (8192³)"
+    )
+    wanted = [s.strip() for s in args.shapes.split(",")] if args.shapes else None
+    rows, failures = [], []
+    for name, m, k, n in SHAPES:
+        if wanted and not any(w in name for w in wanted):
+            continue
+        t0 = time.time()
+        shape = Shape(name, m, k, n, caps, args)
+        shape.run()
+        rows += shape.rows
+        failures += shape.failures
+        print(f"  {name} {m}x{k}x{n}: {time.time() - t0:.0f} s")
+
+    bf16 = {r["shape"]: r for r in rows if r["method"] == "bf16 cuBLAS"}
+    for r in rows:
+        base = bf16[r["shape"]]
+        r["vs_bf16"] = round(base["us"] / r["us"], 3)
+        r["vs_bf16_graph"] = (
+            None if None in (r["us_graph"], base["us_graph"]) else round(base["us_graph"] / r["us_graph"], 3)
+        )
+    print_table(rows)
+    print(f"total {time.time() - start:.0f} s")
+
+    if args.json:
+        result = {
+            "card": card,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "ceilings": caps,
+            "rows": rows,
+            "failures": failures,
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if failures:
+        sys.exit("bench/gemm.py: kernels that disagree with the reference or failed:\n" + "\n".join(failures))
+
+
+if __name__ == "__main__":
+    main()
