@@ -25,6 +25,8 @@ import rclpy
 import torch
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.clock import Clock as RosClock
+from rclpy.clock import ClockType
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -125,8 +127,10 @@ class PolicyNode(Node):
         )
         self._actions = self.create_publisher(JointTrajectory, p["action_topic"], qos_from_string(p["action_qos"], 10))
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0 / p["inference_rate"], self._tick)
-        self.create_timer(1.0, self._publish_diagnostics)
+        # Wall-clock timers: under sim time a simulator may hold /clock still until it gets actions.
+        steady = RosClock(clock_type=ClockType.STEADY_TIME)
+        self.create_timer(1.0 / p["inference_rate"], self._tick, clock=steady)
+        self.create_timer(1.0, self._publish_diagnostics, clock=steady)
         quant = self.policy.quant_config
         self.get_logger().info(
             f"Serving {p['policy_path']} ({'float' if quant is None else quant['method']}) on {p['device']}: "
