@@ -25,7 +25,7 @@ from tqdm import tqdm
 from quantvla_ros.data.buffer import CalibrationBuffer
 from quantvla_ros.models.pi0 import PI0Model
 from quantvla_ros.quant.activations import percentile_channel_scales
-from quantvla_ros.quant.calibration import ATMOHBResult, calibrate_atm_ohb, sample_noise
+from quantvla_ros.quant.calibration import ATMOHBResult, calibrate_atm_ohb, replay
 from quantvla_ros.quant.layout import LAYOUTS, Layout
 from quantvla_ros.quant.linear import QuantLinear
 from quantvla_ros.quant.transforms import InputTransform, duquant, smoothquant
@@ -107,7 +107,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-@torch.no_grad()
 def observe_inputs(
     model: PI0Model,
     names: list[str],
@@ -122,22 +121,8 @@ def observe_inputs(
         model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: on_input(n, args[0].flatten(0, -2)))
         for n in names
     ]
-    cfg = model.cfg
-    noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
-    device = model.action_in_proj.weight.device
     try:
-        start = 0
-        for inputs in tqdm(buffer.batches(batch_size, device), desc=desc, unit="batch"):
-            n = inputs.images.shape[0]
-            model.sample_actions(
-                inputs.images,
-                inputs.image_masks,
-                inputs.tokens,
-                inputs.token_masks,
-                inputs.state,
-                noise[start : start + n].to(device),
-            )
-            start += n
+        replay(model, buffer, batch_size, seed, desc)
     finally:
         for h in hooks:
             h.remove()

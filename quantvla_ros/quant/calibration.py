@@ -76,33 +76,39 @@ def sample_noise(buffer_size: int, horizon: int, action_dim: int, seed: int) -> 
 
 
 @torch.no_grad()
+def replay(model: PI0Model, buffer: CalibrationBuffer, batch_size: int, seed: int, desc: str | None = None) -> None:
+    """Full inferences over the buffer, each sample with its `sample_noise` draw; hooks observe them."""
+    cfg = model.cfg
+    noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
+    device = model.action_in_proj.weight.device
+    start = 0
+    batches = buffer.batches(batch_size, device)
+    total = math.ceil(len(buffer) / batch_size)
+    for inputs in tqdm(batches, total=total, desc=desc, disable=desc is None, unit="batch"):
+        n = inputs.images.shape[0]
+        model.sample_actions(
+            inputs.images,
+            inputs.image_masks,
+            inputs.tokens,
+            inputs.token_masks,
+            inputs.state,
+            noise[start : start + n].to(device),
+        )
+        start += n
+
+
 def collect_expert_statistics(
     model: PI0Model, buffer: CalibrationBuffer, batch_size: int = 8, seed: int = 0, desc: str | None = None
 ) -> ExpertStatistics:
     cfg = model.cfg
     stats = ExpertStatistics(cfg.expert.depth, cfg.expert.num_heads)
-    noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
-    device = model.action_in_proj.weight.device
     hooks = [
         layer.self_attn.o_proj.register_forward_hook(lambda _m, _i, out, i=i: stats.observe_output(i, out))
         for i, layer in enumerate(model.expert.layers)
     ]
     model.attention_observer = stats.observe_attention
     try:
-        start = 0
-        batches = buffer.batches(batch_size, device)
-        total = math.ceil(len(buffer) / batch_size)
-        for inputs in tqdm(batches, total=total, desc=desc, disable=desc is None, unit="batch"):
-            n = inputs.images.shape[0]
-            model.sample_actions(
-                inputs.images,
-                inputs.image_masks,
-                inputs.tokens,
-                inputs.token_masks,
-                inputs.state,
-                noise[start : start + n].to(device),
-            )
-            start += n
+        replay(model, buffer, batch_size, seed, desc)
     finally:
         model.attention_observer = None
         for h in hooks:
