@@ -1,7 +1,7 @@
 """Latency and peak memory of one π0.5 inference (eager PyTorch), per stage and in total.
 
     python bench/latency.py                      # full-size π0.5 on a GPU, bf16
-    python bench/latency.py --config demo        # the demo-sized model, runs anywhere
+    python bench/latency.py --config small       # a small π0.5 with the real input shapes, runs anywhere
 
 Random weights at the real shapes: 3 cameras at 224 px, 200 prompt slots, horizon 50, 10
 Euler steps. Stages: vision (SigLIP + projector + prompt embedding), prefix (LLM pass that
@@ -19,13 +19,12 @@ from datetime import date
 
 import torch
 
-from quantvla_ros.demo import DEMO_CONFIG
-from quantvla_ros.models.config import pi05_full, tiny
+from quantvla_ros.models.config import pi05_full, small_pi05, tiny
 from quantvla_ros.models.pi0 import PI0Model
 
 CONFIGS = {
     "pi05_full": lambda: pi05_full().with_changes(action_horizon=50, max_token_len=200, num_steps=10),
-    "demo": lambda: DEMO_CONFIG.with_changes(action_horizon=50, num_steps=10),
+    "small": lambda: small_pi05().with_changes(action_horizon=50, num_steps=10),
     "tiny": lambda: tiny(True),
 }
 

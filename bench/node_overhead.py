@@ -2,12 +2,13 @@
 
     python bench/node_overhead.py [--runs 30]
 
-Starts the policy node as launch does (entry point + params file) with the demo-sized π0.5 and
+Starts the policy node as launch does (entry point + params file) with the small π0.5 and
 three 224×224 rgb8 cameras, on the CPU. Each round publishes a joint state and the three
-frames (the first camera, which paces inference, last) and waits for the trajectory; the node's timer runs at 1 kHz so its period adds at most
-1 ms. The node measures, per inference, the time from the newest input's arrival to the
-publish minus `Policy.predict` (`node_overhead_p50_ms` on /diagnostics), in the same process
-and run as the model time, so other load on the machine does not leak into the difference.
+frames (the first camera, which paces inference, last) and waits for the trajectory; the
+node's timer runs at 1 kHz so its period adds at most 1 ms. The node measures, per inference,
+the time from the newest input's arrival to the publish minus `Policy.predict`
+(`node_overhead_p50_ms` on /diagnostics), in the same process and run as the model time, so
+other load on the machine does not leak into the difference.
 The round trip seen from the publishing process is printed beside it.
 """
 
@@ -31,11 +32,13 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
-from quantvla_ros.demo import DEMO_CONFIG, INSTRUCTIONS, JOINTS, demo_stats
-from quantvla_ros.models.init_checkpoint import init_checkpoint
+from quantvla_ros.models.config import small_pi05
+from quantvla_ros.models.init_checkpoint import init_checkpoint, unit_norm_stats
 
-CAMERAS = list(DEMO_CONFIG.camera_names)
-JOINT_NAMES = [f"joint{i + 1}" for i in range(JOINTS)]
+CONFIG = small_pi05()
+CAMERAS = list(CONFIG.camera_names)
+JOINT_NAMES = [f"joint{i + 1}" for i in range(7)]
+INSTRUCTIONS = ["pick up the red block", "open the drawer", "press the button"]
 
 
 def main() -> None:
@@ -45,7 +48,8 @@ def main() -> None:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", "71")
     work = Path(tempfile.mkdtemp(prefix="node_overhead_"))
-    policy_path = init_checkpoint(work / "policy", DEMO_CONFIG, INSTRUCTIONS, norm_stats=demo_stats(), vocab_size=400)
+    stats = {"state": unit_norm_stats(len(JOINT_NAMES)), "actions": unit_norm_stats(len(JOINT_NAMES))}
+    policy_path = init_checkpoint(work / "policy", CONFIG, INSTRUCTIONS, norm_stats=stats, vocab_size=400)
     params = {
         "policy_path": str(policy_path),
         "device": "cpu",
@@ -110,7 +114,7 @@ def main() -> None:
         proc.wait(timeout=20)
         peer.destroy_node()
         rclpy.shutdown()
-    print(f"3 cameras 224x224 rgb8, demo-sized π0.5 on CPU, {len(round_trips)} rounds")
+    print(f"3 cameras 224x224 rgb8, small π0.5 on CPU, {len(round_trips)} rounds")
     print(f"  round trip seen by the publisher  median {1e3 * statistics.median(round_trips):8.2f} ms")
     print(f"  Policy.predict in the node        p50    {diagnostics['latency_p50_ms']:>8} ms")
     print(

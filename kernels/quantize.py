@@ -27,3 +27,23 @@ def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     scale = (amax / qmax).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(x / scale).clamp(-qmax, qmax).to(torch.int8)
     return q, scale
+
+
+def quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x [..., K] with calibrated per-channel scales [K]: q = round_half_to_even(x / scale) clamped.
+
+    Returns q (int8) and a row scale of ones (float32, [..., 1]): the channel scales cannot factor
+    out of an integer sum over K, so their owner folds them into the weight's columns instead
+    (quantvla_ros.quant.activations explains how). Same rounding as quantize_per_token.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"quantize_per_channel: bits must be 4 or 8, got {bits}.")
+    if not x.is_floating_point():
+        raise TypeError(f"quantize_per_channel: x must be a floating point tensor, got {x.dtype}.")
+    if x.dim() == 0 or scale.shape != (x.shape[-1],):
+        raise ValueError(
+            f"quantize_per_channel: scale must be [K] for x [..., K], got {tuple(scale.shape)} for {tuple(x.shape)}."
+        )
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.round(x.float() / scale.float()).clamp(-qmax, qmax).to(torch.int8)
+    return q, torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)

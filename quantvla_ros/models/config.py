@@ -143,3 +143,17 @@ def tiny(pi05: bool, vocab_size: int = 512) -> PI0Config:
         num_steps=3,
         camera_names=("base_0_rgb", "left_wrist_0_rgb"),
     )
+
+
+def small_pi05() -> PI0Config:
+    """A few-million-parameter π0.5 with every real input shape (3 cameras at 224 px), for benchmarks."""
+    return PI0Config(
+        pi05=True,
+        llm=GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32),
+        expert=GemmaConfig(width=64, depth=4, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=32),
+        vision=SiglipConfig(image_size=224, patch_size=14, width=96, depth=4, num_heads=4, mlp_dim=384),
+        action_dim=32,
+        action_horizon=10,
+        max_token_len=64,
+        num_steps=10,
+    )

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_kernels import pack_int4, scaled_int_matmul, unpack_int4
+from quantvla_kernels import pack_int4, quantized_matmul, unpack_int4
 from quantvla_ros.quant.activations import ActivationQuantizer
 from quantvla_ros.quant.transforms import InputTransform
 from quantvla_ros.quant.weights import (
@@ -278,14 +278,11 @@ def _check_config(
 def _quantized_matmul(x: torch.Tensor, layer: QuantLinear, out_dtype: torch.dtype) -> torch.Tensor:
     """Transformed float32 x [M, K] through layer's quantized weight -> y [M, N] in out_dtype.
 
-    The one dispatch point for the GEMM: quantvla_kernels' GPU kernels (packed int4 read in
-    place, quantization fused) plug in here, keyed on x's device and the layer's bits. Until
-    then every device runs the exact reference.
+    The one dispatch point for the GEMM: quantvla_kernels.quantized_matmul runs the Triton
+    kernels on CUDA (quantization, packed int4 read in place) and the exact integer reference on
+    the CPU, with identical results. Weight-only layers (16-bit activations) dequantize instead.
     """
     if layer.act.is_float:
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x, layer.dequantized_weight(), bias).to(out_dtype)
-    a_q, a_scale = layer.act.quantize(x, layer.input_scale)
-    return scaled_int_matmul(
-        a_q, a_scale, layer.weight_codes(), layer.weight_scale, layer.group_size, layer.bias, out_dtype
-    )
+    return quantized_matmul(x, layer, out_dtype)

@@ -1,0 +1,86 @@
+"""One entry point for a quantized linear layer: Triton kernels on CUDA, the exact reference elsewhere.
+
+Both paths compute the same thing (reference.scaled_int_matmul's semantics); the Triton one
+differs only by float32 rounding in the epilogue.
+"""
+
+import functools
+import warnings
+from types import ModuleType
+from typing import Protocol
+
+import torch
+
+from .packing import unpack_int4
+from .quantize import quantize_per_channel, quantize_per_token
+from .reference import scaled_int_matmul
+
+
+class QuantizedLayer(Protocol):
+    """What quantized_matmul reads from a layer (QuantLinear's buffers and settings)."""
+
+    weight_packed: torch.Tensor  # int8 [N, K], or uint8 [N, K / 2] from pack_int4 when w_bits == 4
+    weight_scale: torch.Tensor  # float32 [N], or [N, K / group_size]
+    bias: torch.Tensor | None  # float [N]
+    input_scale: torch.Tensor | None  # float32 [K] static activation scales, or None for per-token
+    in_features: int
+    w_bits: int  # 4 or 8
+    a_bits: int  # 4 or 8
+    group_size: int | None
+
+
+@functools.cache
+def _triton_modules() -> tuple[ModuleType, ModuleType] | None:
+    # Imported on first CUDA use only: CPU machines (and robots without triton) never need it.
+    try:
+        from . import triton_gemm, triton_quant
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        warnings.warn(f"{e} CUDA layers use the exact reference GEMM instead.", stacklevel=3)
+        return None
+    return triton_quant, triton_gemm
+
+
+def _triton_supports(layer: QuantizedLayer) -> bool:
+    g = layer.group_size
+    return g is None or (g >= 32 and g & (g - 1) == 0)
+
+
+def uses_triton(x: torch.Tensor, layer: QuantizedLayer) -> bool:
+    """Whether quantized_matmul(x, layer, ...) runs the Triton kernels (fixed per device and layer)."""
+    return x.is_cuda and _triton_supports(layer) and _triton_modules() is not None
+
+
+def quantized_matmul(x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dtype) -> torch.Tensor:
+    """x float [M, K] -> quantize activations (per token, or static per channel) -> integer GEMM -> [M, N] out_dtype.
+
+    CUDA tensors go through the Triton kernels (when triton is installed and the layer's
+    group_size is a power of two >= 32); everything else through the exact reference.
+    """
+    if layer.a_bits not in (4, 8) or layer.w_bits not in (4, 8):
+        raise ValueError(
+            f"quantized_matmul: needs 4- or 8-bit weights and activations, got W{layer.w_bits}A{layer.a_bits}; "
+            "float activations (a_bits=16) stay on the caller's float path."
+        )
+    if x.dim() != 2 or x.shape[1] != layer.in_features:
+        raise ValueError(f"quantized_matmul: x must be [M, {layer.in_features}], got shape {tuple(x.shape)}.")
+    if uses_triton(x, layer):
+        return _triton_matmul(x, layer, out_dtype)
+    if layer.input_scale is None:
+        a_q, a_scale = quantize_per_token(x, layer.a_bits)
+    else:
+        a_q, a_scale = quantize_per_channel(x, layer.input_scale, layer.a_bits)
+    w_q = unpack_int4(layer.weight_packed, layer.in_features) if layer.w_bits == 4 else layer.weight_packed
+    return scaled_int_matmul(a_q, a_scale, w_q, layer.weight_scale, layer.group_size, layer.bias, out_dtype)
+
+
+def _triton_matmul(x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dtype) -> torch.Tensor:
+    modules = _triton_modules()
+    if modules is None:
+        raise ModuleNotFoundError("quantized_matmul: the Triton path needs triton, which is not installed.")
+    triton_quant, triton_gemm = modules
+    a_q, a_scale = triton_quant.quantize_rows(x, layer.a_bits, layer.input_scale)
+    return triton_gemm.scaled_int_gemm(
+        a_q, a_scale, layer.weight_packed, layer.weight_scale, layer.w_bits, layer.group_size, layer.bias, out_dtype
+    )
