@@ -250,7 +250,7 @@ def test_stale_or_missing_inputs_withhold_actions(policy_path, peer, tmp_path):
             peer.base.publish(raw_image())
             peer.wrist.publish(jpeg())
 
-        peer.spin(1.5, cameras_only)  # joint states now older than max_input_age
+        peer.spin(3.0, cameras_only)  # joint states now older than max_input_age; any inference in flight ends
         count = len(peer.trajectories)
         peer.spin(2.0, cameras_only)
         assert len(peer.trajectories) == count
