@@ -1,7 +1,9 @@
 """Activation quantization at run time: dynamic per-token scales, or static per-channel scales.
 
-Dynamic per-token (the default) is quantvla_kernels.quantize_per_token: one scale per row,
-which factors out of the integer GEMM as a row scale of the int32 accumulator.
+The quantization itself runs in quantvla_kernels (quantize_per_token / quantize_per_channel,
+fused into the GEMM path on the GPU); this module holds the settings and the calibration.
+Dynamic per-token (the default): one scale per row, which factors out of the integer GEMM as
+a row scale of the int32 accumulator.
 
 Static per-input-channel scales (what the authors' code calibrates: p99.9 of |x| per channel,
 reference/quantvla-paper.md §1 [C]) sit on the K axis, so they cannot factor out of the
@@ -17,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from quantvla_kernels import quantize_per_token
 
 
 def act_qmax(bits: int) -> int:
@@ -47,20 +47,6 @@ class ActivationQuantizer:
     def is_float(self) -> bool:
         return self.bits == 16
 
-    def quantize(self, x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [M, K] -> (q int8 [M, K], row scale float32 [M, 1]) for quantvla_kernels.scaled_int_matmul.
-
-        With static scales the row scale is 1: static_scale lives in the weight columns instead.
-        """
-        if self.is_float:
-            raise ValueError("ActivationQuantizer.quantize: 16-bit activations stay in float and are not quantized.")
-        if not self.static:
-            return quantize_per_token(x, self.bits)
-        if static_scale is None:
-            raise ValueError("ActivationQuantizer.quantize: a static quantizer needs its calibrated static_scale [K].")
-        q = quantize_static(x, static_scale, self.bits)
-        return q, torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
-
 
 def percentile_channel_scales(samples: list[torch.Tensor], bits: int, percentile: float = 99.9) -> torch.Tensor:
     """Static per-channel scales [K]: running max over samples of the per-channel percentile of |x|, / qmax.
@@ -84,18 +70,3 @@ def percentile_channel_scales(samples: list[torch.Tensor], bits: int, percentile
         p = torch.quantile(x.detach().reshape(-1, k).abs().float(), percentile / 100.0, dim=0)
         running = p if running is None else torch.maximum(running, p)
     return (running / act_qmax(bits)).clamp(min=torch.finfo(torch.float32).tiny)
-
-
-def quantize_static(x: torch.Tensor, scale_k: torch.Tensor, bits: int) -> torch.Tensor:
-    """q = round_half_to_even(x / scale_k) clamped to ±qmax, as int8 of x's shape [..., K].
-
-    x ≈ q * scale_k per channel; see the module docstring for how a GEMM consumes q exactly.
-    """
-    if bits not in (4, 8):
-        raise ValueError(f"quantize_static: bits must be 4 or 8, got {bits}.")
-    if x.dim() == 0 or scale_k.shape != (x.shape[-1],):
-        raise ValueError(
-            f"quantize_static: scale_k must be [K] for x [..., K], got {tuple(scale_k.shape)} for {tuple(x.shape)}."
-        )
-    qmax = act_qmax(bits)
-    return torch.round(x.float() / scale_k.float()).clamp(-qmax, qmax).to(torch.int8)

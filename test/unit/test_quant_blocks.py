@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantvla_kernels import quantize_per_token
-from quantvla_ros.quant.activations import ActivationQuantizer, percentile_channel_scales, quantize_static
+from quantvla_kernels import quantize_per_channel, quantize_per_token
+from quantvla_ros.quant.activations import ActivationQuantizer, percentile_channel_scales
 from quantvla_ros.quant.linear import QuantLinear
 from quantvla_ros.quant.transforms import (
     InputTransform,
@@ -135,10 +135,10 @@ def test_percentile_channel_scales_take_the_running_max_of_per_batch_percentiles
 def test_static_quantization_rounds_per_channel_and_saturates():
     x = torch.tensor([[1.0, -10.0, 0.25], [300.0, 0.5, -0.25]])
     scale = torch.tensor([0.5, 2.0, 0.25])
-    q = quantize_static(x, scale, 8)
+    q = quantize_per_channel(x, scale, 8)[0]
     assert q.dtype == torch.int8
     assert torch.equal(q, torch.tensor([[2, -5, 1], [127, 0, -1]], dtype=torch.int8))
-    assert torch.equal(quantize_static(x, scale, 4)[1], torch.tensor([7, 0, -1], dtype=torch.int8))
+    assert torch.equal(quantize_per_channel(x, scale, 4)[0][1], torch.tensor([7, 0, -1], dtype=torch.int8))
 
 
 def test_activation_quantizer_config_errors_are_clear():
@@ -146,10 +146,8 @@ def test_activation_quantizer_config_errors_are_clear():
         ActivationQuantizer(bits=6)
     with pytest.raises(ValueError, match="static scales need"):
         ActivationQuantizer(bits=16, static=True)
-    with pytest.raises(ValueError, match="needs its calibrated static_scale"):
-        ActivationQuantizer(bits=8, static=True).quantize(torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="scale_k must be"):
-        quantize_static(torch.zeros(2, 4), torch.ones(3), 8)
+    with pytest.raises(ValueError, match="scale must be"):
+        quantize_per_channel(torch.zeros(2, 4), torch.ones(3), 8)
 
 
 # --- transforms ----------------------------------------------------------------------------------
@@ -321,7 +319,7 @@ def _reference_forward(
     if a_bits == 16:
         xa = xt.double()
     elif input_scale is not None:
-        xa = quantize_static(xt, input_scale, a_bits).double()
+        xa = quantize_per_channel(xt, input_scale, a_bits)[0].double()
     else:
         q, s = quantize_per_token(xt, a_bits)
         xa = q.double() * s.double()
