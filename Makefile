@@ -22,8 +22,10 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest -m unit
 
+# One torch thread per process: the simulator and the policy node share a small CPU, and
+# OpenMP threads waiting on a descheduled sibling slow a 2-core machine down several times.
 demo: $(STAMP)
-	ROS_DOMAIN_ID=63 $(VENV)/bin/quantvla demo
+	ROS_DOMAIN_ID=63 OMP_NUM_THREADS=1 $(VENV)/bin/quantvla demo
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/latency.py

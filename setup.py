@@ -7,6 +7,16 @@ from setuptools import find_packages, setup
 
 PACKAGE = "quantvla_ros"
 
+
+def tree(folder: str) -> list[tuple[str, list[str]]]:
+    """data_files entries installing `folder` (with subfolders) under share/quantvla_ros."""
+    return [
+        (os.path.join("share", PACKAGE, root), [os.path.join(root, f) for f in files])
+        for root, _, files in os.walk(folder)
+        if files
+    ]
+
+
 setup(
     name=PACKAGE,
     version="0.1.0",
@@ -17,6 +27,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (os.path.join("share", PACKAGE, "launch"), glob("launch/*.launch.py")),
         (os.path.join("share", PACKAGE, "config"), glob("config/*.yaml")),
+        *tree("policies"),
     ],
     install_requires=["setuptools"],
     zip_safe=False,
@@ -30,6 +41,7 @@ setup(
             "quantvla = quantvla_ros.cli:main",
             "policy_node = quantvla_ros.ros.policy_node:main",
             "calibration_node = quantvla_ros.ros.calibration_node:main",
+            "sim_node = quantvla_ros.sim.sim_node:main",
         ],
     },
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def cmd_layout(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from quantvla_ros.data.buffer import load_buffer
-    from quantvla_ros.models.policy import load_policy
+    from quantvla_ros.models.policy import load_float_policy
     from quantvla_ros.quant.api import method_config, quantize_
     from quantvla_ros.quant.artifact import is_artifact, save_artifact
 
@@ -141,7 +142,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
     if is_artifact(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint} is already a quantized artifact; pass the float checkpoint.")
-    policy = load_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype))
+    policy = load_float_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype))
     buffer = None
     calibration = {}
     if args.calib is not None:
@@ -199,14 +200,41 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     run_calibration(params)
 
 
+def cmd_eval_sim(args: argparse.Namespace) -> None:
+    from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+    from quantvla_ros.paths import config_file
+    from quantvla_ros.sim.evaluate import evaluate, markdown_table
+
+    if args.ros:
+        from quantvla_ros.sim.ros_eval import evaluate_over_ros
+
+        params = Path(args.params_file) if args.params_file else config_file("sim_policy.yaml")
+        result = evaluate_over_ros(Path(args.policy), params, args.tasks, args.episodes, args.seed, args.execute_steps)
+    else:
+        from quantvla_ros.loader import load_policy
+
+        policy = load_policy(args.policy, device=args.device)
+        result = evaluate(policy, args.tasks, args.episodes, args.seed, args.execute_steps)
+    result["policy"] = args.policy
+    table = markdown_table(result)
+    print(table)
+    if args.out:
+        write_json_atomic(Path(args.out) / "results.json", result)
+        write_bytes_atomic(Path(args.out) / "results.md", table.encode())
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from quantvla_ros.demo import run_demo
 
-    run_demo(Path(args.out), args.device)
+    run_demo(Path(args.out), args.episodes)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantvla", description="Quantized VLA policies for ROS 2.")
+    parser = argparse.ArgumentParser(
+        prog="quantvla",
+        description="Quantized VLA policies for ROS 2.",
+        epilog="also: " + "; ".join(f"{name}: {text}" for name, (_, text) in PASSTHROUGH.items()),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="describe a checkpoint folder, or pi05_full / pi0_full")
@@ -288,14 +316,39 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--device")
     calib.set_defaults(func=cmd_calibrate)
 
+    from quantvla_ros.sim.tasks import DEFAULT_TASKS, INSTRUCTIONS
+
+    ev = sub.add_parser("eval-sim", help="closed-loop MetaWorld success rate of a policy or artifact")
+    ev.add_argument("--policy", required=True, help="checkpoint folder or quantized artifact")
+    ev.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(INSTRUCTIONS))
+    ev.add_argument("--episodes", type=int, default=10, help="per task")
+    ev.add_argument("--seed", type=int, default=1000, help="episode i of each task uses seed + i")
+    ev.add_argument("--execute-steps", type=int, default=5, help="actions executed from each chunk")
+    ev.add_argument("--ros", action="store_true", help="through the sim node and the policy node over DDS")
+    ev.add_argument("--params-file", help="policy node params for --ros (default config/sim_policy.yaml)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", help="folder for results.json and results.md")
+    ev.set_defaults(func=cmd_eval_sim)
+
     demo = sub.add_parser("demo", help="the main job on the embedded default policy")
     demo.add_argument("--out", default="build/demo")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--episodes", type=int, default=2, help="per task and policy")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
+# Commands whose own module parses the rest of the line (`quantvla record-demos --help`).
+PASSTHROUGH = {
+    "record-demos": ("quantvla_ros.sim.demos", "record scripted MetaWorld demonstrations as mcap bags"),
+    "train-demo": ("quantvla_ros.sim.train", "train the small π0.5 demo policy on those bags"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1,98 +1,115 @@
-"""`make demo`: the π0.5 runtime end to end on this machine.
+"""`make demo`: the main job, end to end, on the embedded demo policy.
 
-Until the simulator issue ships a trained demo policy, the demo shows what the runtime does
-with a real checkpoint folder: the full-size π0.5 planned on the meta device (parameters and
-weight memory per component), then a small π0.5 written in the openpi layout with its own
-tokenizer and robot statistics, loaded back through `load_policy`, and run on a camera frame,
-instruction and joint state, printing the action chunk in robot units and the latency.
-The small policy's weights are freshly initialised, so its actions carry no skill yet.
+1. Record a demonstration bag per task from MetaWorld's scripted experts (the robot's own data).
+2. Run the calibration node on those bags, the way launch starts it: it builds the calibration
+   buffer with the policy node's own topic mapping and quantizes the shipped π0.5 demo policy
+   with QuantVLA W4A8 into an artifact.
+3. Start the simulator node and the policy node, talking over DDS on loopback, and run the same
+   episodes (same tasks, seeds and sampling noise) with the float policy and the artifact.
+4. Print success, latency and weight memory side by side.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+import yaml
 
-from quantvla_ros.models.config import GemmaConfig, PI0Config, SiglipConfig, pi05_full
-from quantvla_ros.models.init_checkpoint import init_checkpoint
-from quantvla_ros.models.pi0 import PI0Model
-from quantvla_ros.models.policy import Observation, load_policy
-from quantvla_ros.models.processing import NormStats
+from quantvla_ros.paths import config_file, demo_policy
+from quantvla_ros.sim.demos import record_task
+from quantvla_ros.sim.ros_eval import evaluate_over_ros
+from quantvla_ros.sim.tasks import DEFAULT_TASKS
 
-DEMO_CONFIG = PI0Config(
-    pi05=True,
-    llm=GemmaConfig(width=128, depth=4, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32),
-    expert=GemmaConfig(width=64, depth=4, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=32),
-    vision=SiglipConfig(image_size=224, patch_size=14, width=96, depth=4, num_heads=4, mlp_dim=384),
-    action_dim=32,
-    action_horizon=10,
-    max_token_len=64,
-    num_steps=10,
-    camera_names=("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"),
-)
-INSTRUCTIONS = ["pick up the red block", "open the drawer", "press the button", "push the puck to the goal"]
-JOINTS = 7
+EVAL_SEED = 1000  # placements the demo policy never saw (its demonstrations use seeds from 0)
+CALIBRATION_SEED = 500
 
 
-def demo_stats() -> dict[str, NormStats]:
-    """A 7-joint arm in radians with a gripper, the units a JointState carries."""
-    low = np.array([-2.9, -1.8, -2.9, -3.0, -2.9, -0.1, -2.9], np.float32)
-    high = np.array([2.9, 1.8, 2.9, 0.0, 2.9, 3.7, 2.9], np.float32)
-    stats = NormStats(mean=(low + high) / 2, std=(high - low) / 4, q01=low, q99=high)
-    return {"state": stats, "actions": stats}
-
-
-def demo_frame(size: int = 240) -> np.ndarray:
-    """A 4:3 camera frame of a table with a red block, so resize-with-pad has work to do."""
-    frame = np.full((size, size * 4 // 3, 3), (90, 70, 50), np.uint8)
-    frame[: size // 3] = (180, 200, 220)
-    frame[size // 2 : size // 2 + 30, size // 2 : size // 2 + 30] = (200, 30, 30)
-    return frame
-
-
-def print_full_size_plan() -> None:
-    with torch.device("meta"):
-        model = PI0Model(pi05_full())
-    counts = model.component_parameters()
-    print("Full-size π0.5 (gemma_2b + gemma_300m + So400m/14 @ 224), built on the meta device:")
-    for name, n in counts.items():
-        print(f"  {name:<20} {n / 1e6:9.1f} M params  {2 * n / 2**30:6.2f} GiB in bf16")
-    total = sum(counts.values())
-    print(f"  {'total':<20} {total / 1e6:9.1f} M params  {2 * total / 2**30:6.2f} GiB in bf16\n")
-
-
-def run_demo(out_dir: Path = Path("build/demo"), device: str = "cpu") -> None:
-    print_full_size_plan()
-    path = out_dir / "pi05_small"
-    if not (path / "config.json").exists():
-        print(f"Writing a small π0.5 checkpoint (openpi layout) to {path} ...")
-        init_checkpoint(path, DEMO_CONFIG, INSTRUCTIONS, norm_stats=demo_stats(), vocab_size=400)
-    policy = load_policy(path, device=device)
-    counts = policy.model.component_parameters()
-    print(f"Loaded {path}: π0.5, {sum(counts.values()) / 1e6:.1f} M params, cameras {list(policy.camera_names)}")
-    obs = Observation(
-        images={"base_0_rgb": demo_frame(), "left_wrist_0_rgb": demo_frame(120)},
-        instruction=INSTRUCTIONS[0],
-        state=np.array([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8], np.float32),
+def _calibrate(policy: Path, bags: list[Path], out: Path) -> Path:
+    """The calibration node as launch runs it: entry point + the policy node's params + calibration params."""
+    artifact = out / "demo_pi05_quantvla_w4a8"
+    params = out / "calibration.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "/**": {
+                    "ros__parameters": {
+                        "policy_path": str(policy),
+                        "bags": [str(b) for b in bags],
+                        "buffer": str(out / "calibration.safetensors"),
+                        "samples": 64,
+                        "artifact": str(artifact),
+                        "method": "quantvla",
+                        "w_bits": 4,
+                        "a_bits": 8,
+                    }
+                }
+            }
+        )
     )
-    noise = np.random.default_rng(0).standard_normal((policy.horizon, DEMO_CONFIG.action_dim)).astype(np.float32)
-    policy.predict(obs, noise)  # warm-up
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        chunk = policy.predict(obs, noise)
-        times.append(time.perf_counter() - start)
+    exe = Path(sys.executable).parent / "calibration_node"
+    cmd = [str(exe), "--ros-args", "--params-file", str(config_file("sim_policy.yaml")), "--params-file", str(params)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"The calibration node failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return artifact
+
+
+def _weights(path: Path) -> dict:
+    """Weight bytes of the quantized layers (bf16 vs stored) and of the whole folder's tensors."""
+    quant_config = path / "quant_config.json"
+    size = (path / "model.safetensors").stat().st_size
+    if not quant_config.exists():
+        return {"model_file_mib": size / 2**20, "layers": None}
+    return {"model_file_mib": size / 2**20, "layers": json.loads(quant_config.read_text())["weight_bytes"]}
+
+
+def run_demo(out_dir: Path = Path("build/demo"), episodes: int = 2, tasks: tuple[str, ...] = DEFAULT_TASKS) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = demo_policy()
+    start = time.monotonic()
+    print(f"[1/4] Demonstration bags from the scripted experts -> {out_dir / 'bags'}")
+    bags = []
+    for task in tasks:
+        bag = out_dir / "bags" / task
+        if not bag.exists():
+            record_task(out_dir / "bags", task, episodes=1, seed=CALIBRATION_SEED)
+        bags.append(bag)
+    print("[2/4] Calibration node: bags -> calibration buffer -> QuantVLA W4A8 artifact")
+    artifact = _calibrate(policy, bags, out_dir)
+    rows = {}
+    for step, (name, path) in enumerate((("float (fp32)", policy), ("QuantVLA W4A8", artifact)), start=3):
+        print(f"[{step}/4] Sim node <-> policy node over DDS: {name}, {episodes} episode(s) x {len(tasks)} tasks")
+        result = evaluate_over_ros(path, config_file("sim_policy.yaml"), list(tasks), episodes, EVAL_SEED)
+        rows[name] = {"result": result, "weights": _weights(path), "path": str(path)}
+    print_table(rows, tasks)
+    print(f"Done in {time.monotonic() - start:.0f} s. Artifacts, bags and the buffer are in {out_dir}.")
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def print_table(rows: dict, tasks: tuple[str, ...]) -> None:
+    header = f"{'task':<22}" + "".join(f"{name:>18}" for name in rows)
+    print("\nSuccess rate per task (same seeds and noise for both policies):")
+    print(header)
+    for task in tasks:
+        cells = "".join(f"{100 * r['result']['tasks'][task]['success_rate']:>17.0f}%" for r in rows.values())
+        print(f"{task:<22}{cells}")
+    print(f"{'mean':<22}" + "".join(f"{100 * r['result']['mean_success_rate']:>17.1f}%" for r in rows.values()))
+    print(f"{'mean episode steps':<22}" + "".join(f"{r['result']['mean_length']:>18.1f}" for r in rows.values()))
+    latency = [r["result"]["policy_latency_p50_ms"] for r in rows.values()]
+    print(f"{'latency p50 (CPU)':<22}" + "".join(f"{'n/a' if v is None else f'{v:.1f} ms':>18}" for v in latency))
+    print(f"{'model.safetensors':<22}" + "".join(f"{r['weights']['model_file_mib']:>14.2f} MiB" for r in rows.values()))
+    layers = next((r["weights"]["layers"] for r in rows.values() if r["weights"]["layers"]), None)
+    if layers:
+        print(
+            f"Quantized layers ({layers['modules']}): {layers['bf16'] / 2**20:.2f} MiB in bf16 -> "
+            f"{layers['quantized'] / 2**20:.2f} MiB stored ({layers['ratio']:.2f}x)."
+        )
     print(
-        f'Instruction "{obs.instruction}", right wrist camera missing (masked), state {np.round(obs.state, 3).tolist()}'
+        "On the CPU, QuantLinear runs the exact integer reference, which is slower than float matmul; "
+        "the speed-up comes from the GPU kernels (bench/gemm.py)."
     )
-    print(f"Action chunk [{chunk.actions.shape[0]} steps x {chunk.actions.shape[1]} joints], radians:")
-    for k, row in enumerate(chunk.actions):
-        print(f"  step {k:2d}: " + " ".join(f"{v:+.3f}" for v in row))
-    print(
-        f"Latency on {device}: median {1e3 * float(np.median(times)):.1f} ms over {len(times)} runs "
-        f"({policy.model.cfg.num_steps} denoising steps, prefix cached)."
-    )
-    print("These weights are freshly initialised; the trained demo policy comes with the simulator.")

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from quantvla_ros.models.policy import Policy, default_dtype
-from quantvla_ros.models.policy import load_policy as load_float_policy
+from quantvla_ros.models.policy import Policy, default_dtype, load_float_policy
 from quantvla_ros.models.tokenizer import PromptTokenizer
 from quantvla_ros.quant.artifact import is_artifact, load_artifact
 

@@ -1,6 +1,6 @@
 """The `Policy` API: the one seam the ROS layer talks to.
 
-    policy = load_policy(path, device="cuda")
+    policy = load_policy(path, device="cuda")          # quantvla_ros.loader: checkpoint or artifact
     chunk = policy.predict(Observation(images={...}, instruction="...", state=...), noise=None)
 
 `predict` takes robot units in and gives robot units out: images are resized with padding
@@ -183,14 +183,15 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_policy(
+def load_float_policy(
     path: Path | str,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     asset_id: str | None = None,
     action_dt: float | None = None,
 ) -> Policy:
-    """Load a π0 / π0.5 checkpoint folder (openpi or LeRobot layout) as a ready Policy."""
+    """Load a float π0 / π0.5 checkpoint folder (openpi or LeRobot layout); `quantvla_ros.loader.load_policy`
+    also takes quantized artifacts and is what applications call."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Policy path {path} does not exist; pass a checkpoint folder.")

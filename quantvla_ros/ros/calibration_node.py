@@ -20,7 +20,7 @@ from rclpy.parameter import Parameter
 from quantvla_ros.data.bags import read_observations
 from quantvla_ros.data.buffer import build_buffer, save_buffer
 from quantvla_ros.data.mapping import TopicMapping
-from quantvla_ros.models.policy import load_policy
+from quantvla_ros.models.policy import load_float_policy
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.artifact import save_artifact
 from quantvla_ros.ros.params import declare, require
@@ -44,7 +44,7 @@ def run_calibration(params: dict, log=print) -> dict:
     """Build the buffer from the bags and, when `artifact` is set, quantize into it."""
     mapping = TopicMapping.from_params(params)
     require(params, ["policy_path", "bags"], "config/calibration.yaml")
-    policy = load_policy(params["policy_path"], device=params.get("device", "cpu"))
+    policy = load_float_policy(params["policy_path"], device=params.get("device", "cpu"))
     observations, sources = read_observations(
         [Path(b) for b in params["bags"]], mapping, int(params["samples"]), float(params["tolerance"])
     )

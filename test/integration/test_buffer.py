@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantvla_ros.data.buffer import BufferError, build_buffer, load_buffer, save_buffer
-from quantvla_ros.models.policy import load_policy
+from quantvla_ros.loader import load_policy
 
 from conftest import INSTRUCTIONS, observation
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantvla_ros.models.policy import load_policy
+from quantvla_ros.loader import load_policy
 
 from conftest import ACTION_DIM, STATE_DIM, observation, robot_stats
 
