@@ -8,8 +8,11 @@ import torch
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
+from quantvla_ros.data.bags import read_observations
+from quantvla_ros.data.mapping import TopicMapping, read_params_file
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.config import GemmaConfig, PI0Config, SiglipConfig
+from quantvla_ros.paths import config_file
 from quantvla_ros.sim.demos import TOPICS, record_task
 from quantvla_ros.sim.tasks import ACTION_NAMES, CONTROL_DT, INSTRUCTIONS, STATE_NAMES
 from quantvla_ros.sim.train import Samples, flow_matching_loss, initial_checkpoint, read_episodes, train
@@ -93,3 +96,12 @@ def test_train_writes_a_loadable_policy(bags, tmp_path):
     assert policy.state_dim == len(STATE_NAMES) and policy.action_dim == len(ACTION_NAMES)
     assert policy.horizon == 10 and policy.camera_names == ("base_0_rgb",)
     assert (tmp_path / "policy" / "training.json").exists()
+
+
+def test_the_calibration_reader_takes_the_generated_bags_with_the_sim_mapping(bags):
+    mapping = TopicMapping.from_params(read_params_file(config_file("sim_policy.yaml"), "policy_node"))
+    observations, sources = read_observations([bags / "reach"], mapping, samples=6)
+    assert len(observations) == 6 and sources[0]["bag"] == "reach"
+    assert {o.instruction for o in observations} == {INSTRUCTIONS["reach"]}
+    assert observations[0].images["base_0_rgb"].shape == (32, 48, 3)
+    assert observations[0].state.shape == (len(STATE_NAMES),)
