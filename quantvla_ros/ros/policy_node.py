@@ -65,7 +65,7 @@ PARAMETERS: dict[str, object] = {
     "seed": -1,
 }
 REQUIRED = ["policy_path", "camera_names", "camera_topics", "state_joints", "action_joints"]
-DTYPES = {"": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("", "float32", "bfloat16", "float16")  # "" = bfloat16 on CUDA, float32 on CPU
 
 
 @dataclass
