@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -23,6 +21,7 @@ from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.models.policy import load_float_policy
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.artifact import save_artifact
+from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare, require
 from quantvla_ros.ros.policy_node import PARAMETERS, REQUIRED
 
@@ -76,20 +75,9 @@ class CalibrationNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = CalibrationNode()
-        run_calibration(node.params, log=node.get_logger().info)
-        node.destroy_node()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"calibration_node: {e}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 130
-    finally:
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return run_node(
+        "calibration_node", CalibrationNode, lambda node: run_calibration(node.params, node.get_logger().info), args
+    )
 
 
 if __name__ == "__main__":

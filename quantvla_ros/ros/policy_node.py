@@ -21,13 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import rclpy
 import torch
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.clock import Clock as RosClock
 from rclpy.clock import ClockType
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.time import Time
@@ -39,6 +37,7 @@ from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.data.messages import MessageError, compressed_to_rgb, image_to_rgb, joint_positions, stamp_seconds
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.policy import Observation, Policy
+from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare, require
 from quantvla_ros.ros.qos import qos_from_string
 
@@ -323,22 +322,7 @@ class PolicyNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = PolicyNode()
-        rclpy.spin(node)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"policy_node: {e}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return run_node("policy_node", PolicyNode, None, args)
 
 
 if __name__ == "__main__":

@@ -54,21 +54,31 @@ def evaluate(
     """Success rate and mean episode length per task, plus their averages over the tasks."""
     if not 1 <= execute_steps <= policy.horizon:
         raise ValueError(f"execute_steps is {execute_steps}; use 1 to the policy's horizon {policy.horizon}.")
-    per_task = {}
+    outcomes: dict[str, list[tuple[bool, int]]] = {}
     bar = tqdm(total=len(tasks) * episodes, desc="evaluating", unit="ep")
     for task in tasks:
-        results = []
+        results = outcomes.setdefault(task, [])
         with SimEnv(task, width, height, camera, max_steps=max_steps) as env:
             for i in range(episodes):
                 results.append(run_episode(policy, env, seed + i, execute_steps))
                 bar.set_postfix(task=task, success=sum(s for s, _ in results))
                 bar.update()
-        per_task[task] = {
+    bar.close()
+    return summarize(outcomes, episodes, seed, execute_steps, max_steps)
+
+
+def summarize(
+    outcomes: dict[str, list[tuple[bool, int]]], episodes: int, seed: int, execute_steps: int, max_steps: int
+) -> dict:
+    """(success, steps) per episode and task -> success rate and mean length per task and overall."""
+    per_task = {
+        task: {
             "success_rate": float(np.mean([s for s, _ in results])),
             "mean_length": float(np.mean([n for _, n in results])),
             "successes": [bool(s) for s, _ in results],
         }
-    bar.close()
+        for task, results in outcomes.items()
+    }
     return {
         "tasks": per_task,
         "mean_success_rate": float(np.mean([r["success_rate"] for r in per_task.values()])),

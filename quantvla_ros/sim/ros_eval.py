@@ -12,11 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 
+from quantvla_ros.sim.evaluate import summarize
 from quantvla_ros.sim.sim_node import SimNode
 
 
@@ -79,23 +79,10 @@ def evaluate_over_ros(
                 proc.kill()
         if proc.returncode not in (0, -15) and not results:
             raise RuntimeError(f"The policy node failed: {node_log.read_text()[-2000:]}")
-    per_task = {}
-    for task in tasks:
-        rows = [r for r in results if r["task"] == task]
-        per_task[task] = {
-            "success_rate": float(np.mean([r["success"] for r in rows])),
-            "mean_length": float(np.mean([r["steps"] for r in rows])),
-            "successes": [r["success"] for r in rows],
-        }
+    outcomes = {task: [(r["success"], r["steps"]) for r in results if r["task"] == task] for task in tasks}
     measured = [float(v) for v in latencies if v != "n/a"]
     return {
-        "tasks": per_task,
-        "mean_success_rate": float(np.mean([r["success_rate"] for r in per_task.values()])),
-        "mean_length": float(np.mean([r["mean_length"] for r in per_task.values()])),
-        "episodes": episodes,
-        "seed": seed,
-        "execute_steps": execute_steps,
-        "max_steps": max_steps,
+        **summarize(outcomes, episodes, seed, execute_steps, max_steps),
         "policy_latency_p50_ms": measured[-1] if measured else None,
         "via": "ros",
     }

@@ -21,7 +21,6 @@ import time
 import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time as TimeMsg
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
@@ -29,6 +28,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
+from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare
 from quantvla_ros.sim.tasks import DEFAULT_TASKS
 
@@ -152,20 +152,7 @@ class SimNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = SimNode()
-        node.run()
-        node.destroy_node()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sim_node: {e}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 130
-    finally:
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+    return run_node("sim_node", SimNode, SimNode.run, args)
 
 
 if __name__ == "__main__":
