@@ -107,11 +107,21 @@ class SimNode(Node):
                 deadline = time.monotonic() + self.p["action_timeout"]
         return None
 
+    def _wait_for_policy(self) -> None:
+        """Hold the first observation until a policy listens to the camera and publishes actions."""
+        self.get_logger().info(f"Waiting for a policy on {self.p['camera_topic']} -> {self.p['action_topic']}")
+        while rclpy.ok() and not (
+            self._image.get_subscription_count() > 0 and self.count_publishers(self.p["action_topic"]) > 0
+        ):
+            rclpy.spin_once(self, timeout_sec=0.1)
+
     # ---- episodes --------------------------------------------------------------------------
     def run(self) -> list[dict]:
         from quantvla_ros.sim.env import SimEnv  # MuJoCo loads only when a simulator runs
 
         p = self.p
+        if p["controller"] == "policy":
+            self._wait_for_policy()
         episode = 0
         while rclpy.ok() and (p["episodes"] == 0 or episode < p["episodes"]):
             for task in p["tasks"]:
