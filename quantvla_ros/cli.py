@@ -136,6 +136,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         atm=False if args.no_atm else None,
         ohb=False if args.no_ohb else None,
         static_activations=True if args.static_activations else None,
+        duquant_smoothing=False if args.no_duquant_smoothing else None,
+        atm_clamp=args.atm_clamp,
+        stat_pooling=args.stat_pooling,
         clamp_log=args.clamp_log,
         neutral_log=args.neutral_log,
         seed=args.seed,
@@ -283,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--duquant-rotation", choices=("hadamard", "svd"), help="DuQuant block rotations")
     quantize.add_argument(
         "--static-activations", action="store_true", help="static per-channel activation scales (p99.9) from --calib"
+    )
+    quantize.add_argument(
+        "--no-duquant-smoothing", action="store_true", help="rotations and permutation only (the authors' code)"
+    )
+    quantize.add_argument("--atm-clamp", choices=("log", "linear"), help="log ±0.3 (paper) or [0.7, 1.4] (code)")
+    quantize.add_argument(
+        "--stat-pooling", choices=("pooled", "per_call"), help="pooled moments, or the code's per-call average"
     )
     quantize.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
     quantize.add_argument("--no-ohb", action="store_true", help="skip output head balancing")

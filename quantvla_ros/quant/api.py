@@ -50,10 +50,14 @@ class QuantConfig:
     # calibration buffer's `act_percentile` of |x| (the authors' code; cheaper, less accurate).
     static_activations: bool = False
     act_percentile: float = 99.9
+    # Smoothing before the DuQuant rotations (the paper's App. B; the authors' code has none).
+    duquant_smoothing: bool = True
     atm: bool = True
     ohb: bool = True
     clamp_log: float = 0.3
     neutral_log: float = 0.03
+    atm_clamp: str = "log"  # "linear": the authors' [0.7, 1.4] clamp (see calibration.py)
+    stat_pooling: str = "pooled"  # "per_call": the authors' average of per-call statistics
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +67,10 @@ class QuantConfig:
             raise ValueError(f"Weight bits must be 4 or 8, got {self.w_bits}.")
         if self.a_bits not in (4, 8, 16):
             raise ValueError(f"Activation bits must be 4, 8 or 16 (float activations), got {self.a_bits}.")
+        if self.atm_clamp not in ("log", "linear"):
+            raise ValueError(f"Unknown ATM/OHB clamp {self.atm_clamp!r}; choose 'log' or 'linear'.")
+        if self.stat_pooling not in ("pooled", "per_call"):
+            raise ValueError(f"Unknown statistics pooling {self.stat_pooling!r}; choose 'pooled' or 'per_call'.")
         if self.static_activations and self.a_bits == 16:
             raise ValueError("Static activation scales need integer activations; use --a-bits 4 or 8.")
 
@@ -172,8 +180,8 @@ def make_transform(config: QuantConfig, weight: torch.Tensor, absmax: torch.Tens
     # skips it, but rotations alone leave W4A8 activation outliers where plain RTN left them.
     return duquant(
         weight,
-        absmax,
-        smooth_alpha=config.smoothquant_alpha,
+        absmax if config.duquant_smoothing else None,
+        smooth_alpha=config.smoothquant_alpha if config.duquant_smoothing else None,
         block_size=config.duquant_block,
         rotation=config.duquant_rotation,
         seed=config.seed,
@@ -223,6 +231,8 @@ def quantize_(
             ohb=config.ohb,
             clamp_log=config.clamp_log,
             neutral_log=config.neutral_log,
+            clamp=config.atm_clamp,
+            pooling=config.stat_pooling,
             batch_size=batch_size,
             seed=config.seed,
             progress=progress,

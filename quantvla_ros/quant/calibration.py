@@ -16,11 +16,12 @@ Both are clamped in log space (default |log| ≤ 0.3, App. D of the paper) and s
 inside a neutral band (default |log| < 0.03). Statistics are pooled over every denoising
 step, as in the authors' code: one α per head shared by all steps.
 
-The paper's main text says ±0.4; its appendix and this default say 0.3. The authors' GR00T
-code clamps α linearly to [0.7, 1.4] instead; `clamp_log` reproduces that range closely
-(e^±0.3 = [0.74, 1.35]). Pooling moments over all pairs (rather than averaging per-call
-stds, as that code does) weights every logit equally; for a fixed buffer the two differ
-only by how calls of different length are weighted.
+The paper's main text says ±0.4; its appendix and this default say 0.3 (e^±0.3 = [0.74, 1.35]).
+The authors' GR00T code clamps α linearly to [0.7, 1.4] with a neutral band |α − 1| < 0.02:
+`clamp="linear"`. Statistics default to pooled moments over every valid logit of every call,
+which weights each logit equally, as the issue's definition reads; the authors' code averages a
+std per (sample, head) per call and an RMS per call: `pooling="per_call"`. The two differ only
+in how calls and samples of different length are weighted.
 """
 
 from __future__ import annotations
@@ -45,28 +46,50 @@ class ExpertStatistics:
         self.logit_count = torch.zeros(layers, heads, dtype=torch.float64)
         self.out_sumsq = torch.zeros(layers, dtype=torch.float64)
         self.out_count = torch.zeros(layers, dtype=torch.float64)
+        # The authors' pooling: one std per (sample, head) per call, and one RMS per call, averaged.
+        self.sample_std_sum = torch.zeros(layers, heads, dtype=torch.float64)
+        self.samples = torch.zeros(layers, dtype=torch.float64)
+        self.call_rms_sum = torch.zeros(layers, dtype=torch.float64)
+        self.calls = torch.zeros(layers, dtype=torch.float64)
 
     def observe_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> None:
         heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[-1]
         k = k.float().repeat_interleave(heads // kv_heads, dim=1)
         logits = (q.float() @ k.transpose(-1, -2)) / math.sqrt(d)
         valid = allowed[:, None].expand_as(logits).to(logits.dtype)
-        dims = (0, 2, 3)
-        self.logit_sum[layer] += (logits * valid).sum(dims).double().cpu()
-        self.logit_sumsq[layer] += (logits.square() * valid).sum(dims).double().cpu()
-        self.logit_count[layer] += valid.sum(dims).double().cpu()
+        dims = (2, 3)
+        total = (logits * valid).sum(dims).double().cpu()
+        squares = (logits.square() * valid).sum(dims).double().cpu()
+        count = valid.sum(dims).double().cpu()
+        self.logit_sum[layer] += total.sum(0)
+        self.logit_sumsq[layer] += squares.sum(0)
+        self.logit_count[layer] += count.sum(0)
+        self.sample_std_sum[layer] += _std(total, squares, count).sum(0)
+        self.samples[layer] += logits.shape[0]
 
     def observe_output(self, layer: int, out: torch.Tensor) -> None:
-        self.out_sumsq[layer] += out.float().square().sum().double().cpu()
+        sumsq = out.float().square().sum().double().cpu()
+        self.out_sumsq[layer] += sumsq
         self.out_count[layer] += out.numel()
+        self.call_rms_sum[layer] += (sumsq / out.numel()).sqrt()
+        self.calls[layer] += 1
 
-    def logit_std(self) -> torch.Tensor:
-        count = self.logit_count.clamp_min(1)
-        mean = self.logit_sum / count
-        return (self.logit_sumsq / count - mean.square()).clamp_min(0).sqrt()
+    def logit_std(self, pooling: str = "pooled") -> torch.Tensor:
+        """Per (layer, head): over every valid logit of every call, or the mean of per-sample stds."""
+        if pooling == "per_call":
+            return self.sample_std_sum / self.samples.clamp_min(1)[:, None]
+        return _std(self.logit_sum, self.logit_sumsq, self.logit_count)
 
-    def output_rms(self) -> torch.Tensor:
+    def output_rms(self, pooling: str = "pooled") -> torch.Tensor:
+        if pooling == "per_call":
+            return self.call_rms_sum / self.calls.clamp_min(1)
         return (self.out_sumsq / self.out_count.clamp_min(1)).sqrt()
+
+
+def _std(total: torch.Tensor, squares: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    count = count.clamp_min(1)
+    mean = total / count
+    return (squares / count - mean.square()).clamp_min(0).sqrt()
 
 
 def sample_noise(buffer_size: int, horizon: int, action_dim: int, seed: int) -> torch.Tensor:
@@ -116,9 +139,27 @@ def collect_expert_statistics(
     return stats
 
 
-def matched_scale(teacher: torch.Tensor, student: torch.Tensor, clamp_log: float, neutral_log: float) -> torch.Tensor:
-    """teacher / student, clamped in log space, exactly 1 inside the neutral band."""
-    log = torch.log(teacher / (student + 1e-6)).clamp(-clamp_log, clamp_log)
+def matched_scale(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    clamp_log: float = 0.3,
+    neutral_log: float = 0.03,
+    clamp: str = "log",
+    clamp_range: tuple[float, float] = (0.7, 1.4),
+    neutral: float = 0.02,
+) -> torch.Tensor:
+    """teacher / student, clamped, and exactly 1 inside the neutral band.
+
+    "log" (the paper's App. D, the default): |log s| ≤ clamp_log, neutral when |log s| < neutral_log.
+    "linear" (the authors' GR00T code): s within clamp_range, neutral when |s − 1| < neutral.
+    """
+    ratio = teacher / (student + 1e-6)
+    if clamp == "linear":
+        scale = ratio.clamp(*clamp_range)
+        return torch.where((scale - 1).abs() < neutral, torch.ones_like(scale), scale)
+    if clamp != "log":
+        raise ValueError(f"Unknown clamp {clamp!r}; use 'log' or 'linear'.")
+    log = torch.log(ratio).clamp(-clamp_log, clamp_log)
     log = torch.where(log.abs() < neutral_log, torch.zeros_like(log), log)
     return log.exp()
 
@@ -177,6 +218,8 @@ def calibrate_atm_ohb(
     ohb: bool = True,
     clamp_log: float = 0.3,
     neutral_log: float = 0.03,
+    clamp: str = "log",
+    pooling: str = "pooled",
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
@@ -184,14 +227,14 @@ def calibrate_atm_ohb(
     """Measure teacher and student (ATM/OHB off) on the same inputs and noise, then fold α and β into the student."""
     t_stats = collect_expert_statistics(teacher, buffer, batch_size, seed, "teacher" if progress else None)
     s_stats = collect_expert_statistics(student, buffer, batch_size, seed, "student" if progress else None)
-    alpha_raw = t_stats.logit_std() / (s_stats.logit_std() + 1e-6)
-    beta_raw = t_stats.output_rms() / (s_stats.output_rms() + 1e-6)
-    alpha = matched_scale(t_stats.logit_std(), s_stats.logit_std(), clamp_log, neutral_log)
-    beta = matched_scale(t_stats.output_rms(), s_stats.output_rms(), clamp_log, neutral_log)
+    t_std, s_std = t_stats.logit_std(pooling), s_stats.logit_std(pooling)
+    t_rms, s_rms = t_stats.output_rms(pooling), s_stats.output_rms(pooling)
+    alpha = matched_scale(t_std, s_std, clamp_log, neutral_log, clamp)
+    beta = matched_scale(t_rms, s_rms, clamp_log, neutral_log, clamp)
     if not atm:
         alpha = torch.ones_like(alpha)
     if not ohb:
         beta = torch.ones_like(beta)
     fold_atm(student, alpha)
     fold_ohb(student, beta)
-    return ATMOHBResult(alpha, beta, alpha_raw, beta_raw, t_stats, s_stats)
+    return ATMOHBResult(alpha, beta, t_std / (s_std + 1e-6), t_rms / (s_rms + 1e-6), t_stats, s_stats)

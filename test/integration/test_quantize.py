@@ -192,3 +192,17 @@ def test_static_activation_scales_option(float_path, buffer, tmp_path):
     np.testing.assert_allclose(load_policy(out).predict(observation(), eps).actions, expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="Static activation scales need integer activations"):
         method_config("rtn", static_activations=True, a_bits=16)
+
+
+def test_the_authors_choices_are_options(float_path, buffer):
+    policy = load_policy(float_path)
+    config = method_config(
+        "quantvla", atm_clamp="linear", stat_pooling="per_call", duquant_smoothing=False, duquant_rotation="svd"
+    )
+    record = quantize_(policy.model, config, buffer, batch_size=6, progress=False)
+    kinds = {spec["transform_kind"] for spec in record.modules.values()}
+    assert kinds == {"rotation1+perm+rotation2"}
+    alpha = record.atm_ohb.alpha
+    assert ((alpha >= 0.7 - 1e-9) & (alpha <= 1.4 + 1e-9)).all()
+    with pytest.raises(ValueError, match="Unknown statistics pooling"):
+        method_config("quantvla", stat_pooling="median")

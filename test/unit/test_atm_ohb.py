@@ -121,3 +121,29 @@ def test_folding_equals_explicit_run_time_scaling(model, quantized_projections):
     folded = velocity(model)
     assert (explicit - unscaled).abs().max() > 1e-3  # the scales matter
     torch.testing.assert_close(folded, explicit, rtol=1e-4, atol=1e-5)
+
+
+def test_per_call_pooling_averages_per_sample_stds_while_pooled_weights_every_logit():
+    stats = ExpertStatistics(layers=1, heads=1)
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 1, 8, 4, generator=g)
+    allowed = torch.ones(1, 5, 8, dtype=torch.bool)
+    stds = []
+    for scale in (1.0, 3.0):
+        q = torch.randn(1, 1, 5, 4, generator=g) * scale
+        stats.observe_attention(0, q, k, allowed)
+        stds.append(((q @ k.transpose(-1, -2)) / 2.0).std(unbiased=False))
+    torch.testing.assert_close(stats.logit_std("per_call")[0, 0].float(), torch.stack(stds).mean())
+    assert abs(stats.logit_std("pooled")[0, 0] - stats.logit_std("per_call")[0, 0]) > 1e-3
+    stats.observe_output(0, torch.full((2, 3), 2.0))
+    stats.observe_output(0, torch.full((1, 3), 4.0))
+    assert stats.output_rms("per_call")[0] == pytest.approx(3.0)
+    assert stats.output_rms("pooled")[0] == pytest.approx(math.sqrt((6 * 4 + 3 * 16) / 9))
+
+
+def test_linear_clamp_is_the_authors_range_and_band():
+    teacher = torch.tensor([2.0, 0.5, 1.01, 1.1], dtype=torch.float64)
+    scale = matched_scale(teacher, torch.ones(4, dtype=torch.float64), clamp="linear")
+    torch.testing.assert_close(scale, torch.tensor([1.4, 0.7, 1.0, 1.1], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Unknown clamp"):
+        matched_scale(teacher, teacher, clamp="cubic")
