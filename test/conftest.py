@@ -13,9 +13,10 @@ from quantvla_ros.models.init_checkpoint import init_checkpoint
 from quantvla_ros.models.policy import Observation
 from quantvla_ros.models.processing import NormStats
 
-# DDS traffic stays on this machine, in a domain of the test run's own.
+# DDS traffic stays on this machine, in a domain of this test run's own: two runs on one machine
+# (a developer's and CI's) must not hear each other's latched instructions or /clock.
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-os.environ.setdefault("ROS_DOMAIN_ID", "61")
+os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
 
 INSTRUCTIONS = [
     "pick up the red cup",
