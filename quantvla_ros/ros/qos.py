@@ -14,30 +14,11 @@ from rclpy.qos import (
 # A RELIABLE subscriber receives nothing from a BEST_EFFORT camera, so cameras default to
 # SENSOR_DATA; instructions are latched (TRANSIENT_LOCAL) so a late-starting node still gets one.
 PROFILES = {
-    "SENSOR_DATA": lambda depth: QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=depth,
-        reliability=qos_profile_sensor_data.reliability,
-        durability=qos_profile_sensor_data.durability,
-    ),
-    "RELIABLE": lambda depth: QoSProfile(
-        history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE
-    ),
-    "BEST_EFFORT": lambda depth: QoSProfile(
-        history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.BEST_EFFORT
-    ),
-    "RELIABLE_TRANSIENT_LOCAL": lambda depth: QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=depth,
-        reliability=ReliabilityPolicy.RELIABLE,
-        durability=DurabilityPolicy.TRANSIENT_LOCAL,
-    ),
-    "SYSTEM_DEFAULT": lambda depth: QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=depth,
-        reliability=qos_profile_system_default.reliability,
-        durability=qos_profile_system_default.durability,
-    ),
+    "SENSOR_DATA": (qos_profile_sensor_data.reliability, qos_profile_sensor_data.durability),
+    "RELIABLE": (ReliabilityPolicy.RELIABLE, DurabilityPolicy.VOLATILE),
+    "BEST_EFFORT": (ReliabilityPolicy.BEST_EFFORT, DurabilityPolicy.VOLATILE),
+    "RELIABLE_TRANSIENT_LOCAL": (ReliabilityPolicy.RELIABLE, DurabilityPolicy.TRANSIENT_LOCAL),
+    "SYSTEM_DEFAULT": (qos_profile_system_default.reliability, qos_profile_system_default.durability),
 }
 
 
@@ -45,4 +26,5 @@ def qos_from_string(name: str, depth: int = 1) -> QoSProfile:
     key = name.strip().upper()
     if key not in PROFILES:
         raise ValueError(f"QoS {name!r} is not known; use one of {', '.join(PROFILES)}.")
-    return PROFILES[key](depth)
+    reliability, durability = PROFILES[key]
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=reliability, durability=durability)
