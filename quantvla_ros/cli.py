@@ -22,14 +22,14 @@ def _dtype(name: str | None):
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
-    from quantvla_ros.models.checkpoint import read_checkpoint
-    from quantvla_ros.models.config import pi0_full, pi05_full
-    from quantvla_ros.models.pi0 import PI0Model
+    from quantvla_ros.models.registry import REFERENCE_CONFIGS, family_for
 
-    if args.path in ("pi05_full", "pi0_full"):
-        cfg, summary = (pi05_full() if args.path == "pi05_full" else pi0_full()), {"config": args.path}
+    if args.path in REFERENCE_CONFIGS:
+        family, make_config = REFERENCE_CONFIGS[args.path]
+        cfg, summary = make_config(), {"config": args.path}
     else:
-        info = read_checkpoint(Path(args.path), args.asset_id)
+        family, raw = family_for(Path(args.path))
+        info = family.read_checkpoint(Path(args.path), raw, args.asset_id)
         cfg = info.config
         summary = {
             "path": str(info.path),
@@ -40,9 +40,10 @@ def cmd_info(args: argparse.Namespace) -> None:
             "normalization": {"state": info.state_norm, "actions": info.action_norm},
         }
     with torch.device("meta"):
-        counts = PI0Model(cfg).component_parameters()
+        model = family.build_model(cfg)
+    counts = model.component_parameters()
     summary.update(
-        model="pi05" if cfg.pi05 else "pi0",
+        model=model.display_name,
         horizon=cfg.action_horizon,
         denoising_steps=cfg.num_steps,
         parameters=counts,
@@ -95,14 +96,14 @@ def _size(n: int) -> str:
 def cmd_layout(args: argparse.Namespace) -> None:
     import torch
 
-    from quantvla_ros.models.checkpoint import read_checkpoint
-    from quantvla_ros.models.pi0 import PI0Model
+    from quantvla_ros.models.registry import family_for
     from quantvla_ros.quant.layout import get_layout
     from quantvla_ros.quant.memory import layout_memory
 
-    cfg = read_checkpoint(Path(args.checkpoint)).config
+    family, raw = family_for(Path(args.checkpoint))
+    cfg = family.read_checkpoint(Path(args.checkpoint), raw, None).config
     with torch.device("meta"):
-        model = PI0Model(cfg)
+        model = family.build_model(cfg)
     layout = get_layout(args.layout or "quantvla", args.include, args.exclude)
     report = layout_memory(model, layout, args.w_bits, args.group_size, args.transform)
     if args.json:

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from quantvla_ros.models.policy import Policy, default_dtype, load_float_policy
-from quantvla_ros.models.tokenizer import PromptTokenizer
 from quantvla_ros.quant.artifact import is_artifact, load_artifact
 
 
@@ -18,9 +17,9 @@ def load_policy(
     asset_id: str | None = None,
     action_dt: float | None = None,
 ) -> Policy:
-    """Load a π0 / π0.5 checkpoint (openpi or LeRobot layout) or a `quantvla quantize` artifact."""
+    """Load a float checkpoint of any registered family or a `quantvla quantize` artifact."""
     path = Path(path)
     if not is_artifact(path):
         return load_float_policy(path, device, dtype, asset_id, action_dt)
-    model, info, quant_config = load_artifact(path, device, dtype or default_dtype(device))
-    return Policy(model, info, PromptTokenizer.from_dir(path), action_dt, quant_config)
+    model, info, family, quant_config = load_artifact(path, device, dtype or default_dtype(device))
+    return Policy(model, info, family.make_processor(info), action_dt, quant_config)

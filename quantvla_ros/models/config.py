@@ -87,6 +87,15 @@ class PI0Config:
             raise ValueError("The LLM and the action expert must share head count, KV head count and head_dim.")
 
     @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def max_state_dim(self) -> int:
+        # π0 pads state and actions to the same width.
+        return self.action_dim
+
+    @property
     def uses_discrete_state(self) -> bool:
         return self.pi05 and self.discrete_state_input
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantvla_ros.models.checkpoint import save_pi0
 from quantvla_ros.models.config import PI0Config
 from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.pi0_checkpoint import save_pi0
 from quantvla_ros.models.processing import NormStats
 from quantvla_ros.models.tokenizer import PromptTokenizer, train_tokenizer
 

@@ -11,13 +11,14 @@ to [cached prefix K/V ; its own K/V]. The cache is read, never appended to.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantvla_ros.models.config import PI0Config
+from quantvla_ros.models.family import AttentionObserver, AttentionSite
 from quantvla_ros.models.gemma import GemmaModel, apply_rope, attention, rope_cos_sin
 from quantvla_ros.models.siglip import SiglipVisionTower
 
@@ -88,14 +89,24 @@ class PaliGemmaWithExpert(nn.Module):
         self.gemma_expert = GemmaExpert(cfg)
 
 
+_LLM = "paligemma_with_expert.paligemma.model.language_model.layers"
+_EXPERT = "paligemma_with_expert.gemma_expert.model.layers"
+
+
 class PI0Model(nn.Module):
+    FAMILY = "pi0"
+    LINEAR_GROUPS = {
+        "llm": rf"{re.escape(_LLM)}\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+        "expert_mlp": rf"{re.escape(_EXPERT)}\.\d+\.mlp\.(gate|up|down)_proj",
+        "expert_attention": rf"{re.escape(_EXPERT)}\.\d+\.self_attn\.[qkvo]_proj",
+    }
+
     def __init__(self, cfg: PI0Config) -> None:
         super().__init__()
         self.cfg = cfg
         self.compute_dtype = torch.float32
-        # Called as observer(layer, q, k, allowed) with post-RoPE q [B, H, Tq, d] and keys
-        # [B, Hkv, Tk, d] on expert-only passes (the denoising steps); calibration uses it.
-        self.attention_observer: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+        # Set by calibration; called on expert-only passes (the denoising steps), site = layer.
+        self.attention_observer: AttentionObserver | None = None
         width = cfg.expert.width
         self.paligemma_with_expert = PaliGemmaWithExpert(cfg)
         self.action_in_proj = nn.Linear(cfg.action_dim, width)
@@ -107,6 +118,21 @@ class PI0Model(nn.Module):
             self.state_proj = nn.Linear(cfg.action_dim, width)
             self.action_time_mlp_in = nn.Linear(2 * width, width)
             self.action_time_mlp_out = nn.Linear(width, width)
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_in_proj.weight.device
+
+    @property
+    def display_name(self) -> str:
+        return "π0.5" if self.cfg.pi05 else "π0"
+
+    def attention_sites(self) -> list[AttentionSite]:
+        e = self.cfg.expert
+        return [
+            AttentionSite(f"{_EXPERT}.{i}.self_attn.q_proj", f"{_EXPERT}.{i}.self_attn.o_proj", e.num_heads, e.head_dim)
+            for i in range(e.depth)
+        ]
 
     @property
     def llm(self) -> GemmaModel:

@@ -3,10 +3,10 @@
     policy = load_policy(path, device="cuda")          # quantvla_ros.loader: checkpoint or artifact
     chunk = policy.predict(Observation(images={...}, instruction="...", state=...), noise=None)
 
-`predict` takes robot units in and gives robot units out: images are resized with padding
-and scaled to [-1, 1], the state is normalized with the checkpoint's statistics (and, for
-π0.5, written into the prompt), and the action chunk is un-normalized and cut to the robot's
-action dimension.
+`predict` takes robot units in and gives robot units out: the family's processor shapes the
+images and the prompt (π0.5 writes the normalized state into it), the state is normalized with
+the checkpoint's statistics, and the action chunk is un-normalized and cut to the robot's
+action dimension. The same class serves every family (π0 / π0.5, GR00T N1.5, SmolVLA).
 """
 
 from __future__ import annotations
@@ -18,16 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantvla_ros.models.checkpoint import TOKENIZER_FILES, CheckpointError, CheckpointInfo, load_pi0
-from quantvla_ros.models.pi0 import PI0Model
-from quantvla_ros.models.processing import (
-    Normalizer,
-    discretize_state,
-    image_to_model,
-    pad_to_dim,
-    resize_with_pad,
-)
-from quantvla_ros.models.tokenizer import PromptTokenizer, tokenize_prompt
+from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo
+from quantvla_ros.models.family import ActionModel, InputProcessor
+from quantvla_ros.models.processing import Normalizer, pad_to_dim
+from quantvla_ros.models.registry import load_model
 
 
 @dataclass
@@ -51,7 +45,7 @@ class ModelInputs:
     image_masks: torch.Tensor  # [1, cameras] bool
     tokens: torch.Tensor  # [1, max_token_len] int64
     token_masks: torch.Tensor  # [1, max_token_len] bool
-    state: torch.Tensor  # [1, model action_dim] normalized and padded
+    state: torch.Tensor  # [1, model max_state_dim] normalized and padded
 
     def to(self, device: str | torch.device) -> ModelInputs:
         return ModelInputs(**{name: t.to(device) for name, t in vars(self).items()})
@@ -60,15 +54,15 @@ class ModelInputs:
 class Policy:
     def __init__(
         self,
-        model: PI0Model,
+        model: ActionModel,
         info: CheckpointInfo,
-        tokenizer: PromptTokenizer,
+        processor: InputProcessor,
         action_dt: float | None = None,
         quant_config: dict | None = None,
     ) -> None:
         self.model = model
         self.info = info
-        self.tokenizer = tokenizer
+        self.processor = processor
         self.action_dt = action_dt
         # The artifact's quant_config.json when the weights are quantized (method, bits, α, β...).
         self.quant_config = quant_config
@@ -76,7 +70,7 @@ class Policy:
         stats = info.norm_stats
         self._state_norm = _normalizer(info.state_norm, stats.get("state"), info.norm_eps, info, "state")
         self._action_norm = _normalizer(info.action_norm, stats.get("actions"), info.norm_eps, info, "actions")
-        self.camera_names: tuple[str, ...] = cfg.camera_names
+        self.camera_names: tuple[str, ...] = tuple(cfg.camera_names)
         self.state_dim: int | None = info.state_dim
         self.action_dim: int = info.action_dim or cfg.action_dim
         self.horizon: int = cfg.action_horizon
@@ -85,28 +79,25 @@ class Policy:
         """Everything `prepare` depends on; buffers of prepared inputs record it so they are
         only ever fed to a policy that would have prepared them identically."""
         cfg = self.model.cfg
-        tokenizer = next((self.info.path / n for n in TOKENIZER_FILES if (self.info.path / n).exists()), None)
         stats = hashlib.sha256()
         state_stats = self.info.norm_stats.get("state")
-        for name in ("mean", "std", "q01", "q99"):
+        for name in ("mean", "std", "q01", "q99", "min", "max"):
             value = getattr(state_stats, name, None)
             stats.update(b"-" if value is None else value.tobytes())
         return {
-            "model": "pi05" if cfg.pi05 else "pi0",
+            "model": self.model.display_name,
             "cameras": list(self.camera_names),
-            "image_size": cfg.vision.image_size,
-            "max_token_len": cfg.max_token_len,
             "action_dim": cfg.action_dim,
+            "max_state_dim": cfg.max_state_dim,
             "state_dim": self.state_dim,
-            "discrete_state": cfg.uses_discrete_state,
             "state_norm": self.info.state_norm,
             "state_stats_sha256": stats.hexdigest(),
-            "tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest() if tokenizer else None,
+            **self.processor.signature(),
         }
 
     @property
     def device(self) -> torch.device:
-        return self.model.action_in_proj.weight.device
+        return self.model.device
 
     def prepare(self, obs: Observation) -> ModelInputs:
         """Observation in robot units -> model tensors; every user error is one clear sentence."""
@@ -118,33 +109,23 @@ class Policy:
             )
         if not obs.images:
             raise ValueError(f"The observation has no image; send at least one of {list(self.camera_names)}.")
-        size = cfg.vision.image_size
-        images, masks = [], []
-        for name in self.camera_names:
-            if name in obs.images:
-                img = image_to_model(resize_with_pad(obs.images[name], size, size))
-                images.append(img.transpose(2, 0, 1))
-                masks.append(True)
-            else:
-                images.append(np.full((3, size, size), -1.0, dtype=np.float32))
-                masks.append(False)
+        images, masks = self.processor.images(obs.images)
         state = np.asarray(obs.state, dtype=np.float32).reshape(-1)
         if self.state_dim is not None and state.shape[0] != self.state_dim:
             raise ValueError(f"The state has {state.shape[0]} values but this policy expects {self.state_dim}.")
-        if state.shape[0] > cfg.action_dim:
-            raise ValueError(f"The state has {state.shape[0]} values; this model takes at most {cfg.action_dim}.")
+        if state.shape[0] > cfg.max_state_dim:
+            raise ValueError(f"The state has {state.shape[0]} values; this model takes at most {cfg.max_state_dim}.")
         if not np.all(np.isfinite(state)):
             raise ValueError("The state contains NaN or Inf; refusing to run the policy on it.")
         state_norm = self._state_norm.normalize(state) if self._state_norm else state
-        discrete = discretize_state(state_norm) if cfg.uses_discrete_state else None
-        tokens, token_mask = tokenize_prompt(self.tokenizer, obs.instruction, cfg.max_token_len, discrete)
+        tokens, token_mask = self.processor.prompt(obs.instruction, state_norm)
         dev = self.device
         return ModelInputs(
-            images=torch.from_numpy(np.stack(images))[None].to(dev),
+            images=torch.from_numpy(images)[None].to(dev),
             image_masks=torch.tensor([masks], device=dev),
             tokens=torch.from_numpy(tokens)[None].to(dev),
             token_masks=torch.from_numpy(token_mask)[None].to(dev),
-            state=torch.from_numpy(pad_to_dim(state_norm, cfg.action_dim))[None].to(dev),
+            state=torch.from_numpy(pad_to_dim(state_norm, cfg.max_state_dim))[None].to(dev),
         )
 
     def sample(self, inputs: ModelInputs, noise: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
@@ -190,10 +171,10 @@ def load_float_policy(
     asset_id: str | None = None,
     action_dt: float | None = None,
 ) -> Policy:
-    """Load a float π0 / π0.5 checkpoint folder (openpi or LeRobot layout); `quantvla_ros.loader.load_policy`
+    """Load a float checkpoint folder of any registered family; `quantvla_ros.loader.load_policy`
     also takes quantized artifacts and is what applications call."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Policy path {path} does not exist; pass a checkpoint folder.")
-    model, info = load_pi0(path, device, dtype or default_dtype(device), asset_id)
-    return Policy(model, info, PromptTokenizer.from_dir(path), action_dt)
+    model, info, family = load_model(path, device, dtype or default_dtype(device), asset_id)
+    return Policy(model, info, family.make_processor(info), action_dt)

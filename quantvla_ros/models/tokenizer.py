@@ -22,6 +22,17 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 _warned_truncation = False
 
 
+def tokenizer_file(path: Path) -> Path:
+    """`tokenizer.model` (openpi's PaliGemma SentencePiece) or else `tokenizer.json` (LeRobot / HF)."""
+    path = Path(path)
+    for name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(
+        f"No tokenizer in {path}; put the PaliGemma {SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE} there."
+    )
+
+
 @dataclass(frozen=True)
 class PromptTokenizer:
     """Text to token ids, with BOS added by us so both file formats behave the same."""
@@ -33,15 +44,10 @@ class PromptTokenizer:
 
     @classmethod
     def from_dir(cls, path: Path) -> "PromptTokenizer":
-        """Load `tokenizer.model` (openpi's PaliGemma SentencePiece) or else `tokenizer.json` (LeRobot / HF)."""
-        path = Path(path)
-        if (path / SENTENCEPIECE_FILE).is_file():
-            return cls._from_sentencepiece(path / SENTENCEPIECE_FILE)
-        if (path / HF_TOKENIZER_FILE).is_file():
-            return cls._from_tokenizer_json(path / HF_TOKENIZER_FILE)
-        raise FileNotFoundError(
-            f"No tokenizer in {path}; put the PaliGemma {SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE} there."
-        )
+        file = tokenizer_file(path)
+        if file.name == SENTENCEPIECE_FILE:
+            return cls._from_sentencepiece(file)
+        return cls._from_tokenizer_json(file)
 
     @classmethod
     def _from_sentencepiece(cls, file: Path) -> "PromptTokenizer":

@@ -28,16 +28,15 @@ import torch
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_json_atomic
-from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, export_state_dict, load_pi0
-from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo
+from quantvla_ros.models.family import ActionModel, ModelFamily
+from quantvla_ros.models.registry import family_of, load_model
 from quantvla_ros.quant.api import QuantRecord, _set_module
 from quantvla_ros.quant.linear import QuantLinear
 
 ARTIFACT_FORMAT = "quantvla-artifact/1"
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
-# Everything of a float checkpoint folder except its weights.
-COPIED = ("config.json", "tokenizer.model", "tokenizer.json", "policy_preprocessor.json", "policy_postprocessor.json")
 
 
 def package_version() -> str:
@@ -59,18 +58,17 @@ def is_artifact(path: Path | str) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
 
 
-def _copy_checkpoint_files(src: Path, dst: Path) -> None:
-    for name in COPIED:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
-    for f in src.glob("*normalizer_processor.safetensors"):
-        shutil.copy2(f, dst / f.name)
-    if (src / "assets").is_dir():
-        shutil.copytree(src / "assets", dst / "assets")
+def _copy_checkpoint_files(family: ModelFamily, src: Path, dst: Path) -> None:
+    """Everything of the float checkpoint folder except its weights, at the same relative paths."""
+    for pattern in family.side_files:
+        for f in src.glob(pattern):
+            if f.is_file():
+                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst / f.relative_to(src))
 
 
 def save_artifact(
-    model: PI0Model,
+    model: ActionModel,
     source: CheckpointInfo,
     record: QuantRecord,
     out_dir: Path | str,
@@ -83,9 +81,10 @@ def save_artifact(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        _copy_checkpoint_files(source.path, staging)
+        family = family_of(model)
+        _copy_checkpoint_files(family, source.path, staging)
         with atomic_path(staging / WEIGHTS) as tmp:
-            save_file(export_state_dict(model, source.layout), str(tmp), metadata={"format": "pt"})
+            save_file(family.export_state_dict(model, source.layout), str(tmp), metadata={"format": "pt"})
         quant_config = {
             "format": ARTIFACT_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -113,7 +112,7 @@ def save_artifact(
     return out_dir
 
 
-def weight_bytes(model: PI0Model, names: list[str]) -> dict:
+def weight_bytes(model: ActionModel, names: list[str]) -> dict:
     """Bytes of the quantized modules as stored, against the same modules in bf16."""
     quantized = sum(model.get_submodule(n).weight_bytes() for n in names)
     bf16 = sum(2 * model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
@@ -144,16 +143,16 @@ def verify_weights(path: Path, quant_config: dict) -> None:
 
 def load_artifact(
     path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[PI0Model, CheckpointInfo, dict]:
+) -> tuple[ActionModel, CheckpointInfo, ModelFamily, dict]:
     path = Path(path)
     quant_config = read_quant_config(path)
     verify_weights(path, quant_config)
     modules = quant_config.get("modules", {})
 
-    def swap_in_quant_linears(model: PI0Model) -> None:
+    def swap_in_quant_linears(model: ActionModel) -> None:
         for name, spec in modules.items():
             _set_module(model, name, QuantLinear.from_spec(spec))
 
     asset_id = quant_config.get("source_checkpoint", {}).get("asset_id")
-    model, info = load_pi0(path, device, dtype, asset_id, adapt=swap_in_quant_linears)
-    return model, info, quant_config
+    model, info, family = load_model(path, device, dtype, asset_id, adapt=swap_in_quant_linears)
+    return model, info, family, quant_config

@@ -5,11 +5,11 @@ softmax logits of the quantized student get sharper or flatter than the float te
 the attention block's output drifts in scale. Both are corrected with scalars folded into
 float weights, so inference pays nothing:
 
-    ATM, one α per expert layer and head:  α = std(teacher logits) / std(student logits),
+    ATM, one α per expert attention and head:  α = std(teacher logits) / std(student logits),
          logits = q·kᵀ/√d over the valid (query, key) pairs, pooled over samples and steps;
          α multiplies head h's rows of W_q (RoPE is linear, so scaling q before or after it
          is the same).
-    OHB, one β per expert layer:  β = RMS(teacher o_proj output) / RMS(student o_proj output);
+    OHB, one β per expert attention (one per layer):  β = RMS(teacher o_proj output) / RMS(student o_proj output);
          β multiplies W_o (and its bias).
 
 Both are clamped in log space (default |log| ≤ 0.3, App. D of the paper) and set to exactly 1
@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from quantvla_ros.data.buffer import CalibrationBuffer
-from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.family import ActionModel
 from quantvla_ros.quant.linear import QuantLinear
 
 
@@ -99,11 +99,11 @@ def sample_noise(buffer_size: int, horizon: int, action_dim: int, seed: int) -> 
 
 
 @torch.no_grad()
-def replay(model: PI0Model, buffer: CalibrationBuffer, batch_size: int, seed: int, desc: str | None = None) -> None:
+def replay(model: ActionModel, buffer: CalibrationBuffer, batch_size: int, seed: int, desc: str | None = None) -> None:
     """Full inferences over the buffer, each sample with its `sample_noise` draw; hooks observe them."""
     cfg = model.cfg
     noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
-    device = model.action_in_proj.weight.device
+    device = model.device
     start = 0
     batches = buffer.batches(batch_size, device)
     total = math.ceil(len(buffer) / batch_size)
@@ -121,13 +121,16 @@ def replay(model: PI0Model, buffer: CalibrationBuffer, batch_size: int, seed: in
 
 
 def collect_expert_statistics(
-    model: PI0Model, buffer: CalibrationBuffer, batch_size: int = 8, seed: int = 0, desc: str | None = None
+    model: ActionModel, buffer: CalibrationBuffer, batch_size: int = 8, seed: int = 0, desc: str | None = None
 ) -> ExpertStatistics:
-    cfg = model.cfg
-    stats = ExpertStatistics(cfg.expert.depth, cfg.expert.num_heads)
+    sites = model.attention_sites()
+    heads = {site.num_heads for site in sites}
+    if len(heads) != 1:
+        raise ValueError(f"{model.display_name} has expert attentions with different head counts {sorted(heads)}.")
+    stats = ExpertStatistics(len(sites), heads.pop())
     hooks = [
-        layer.self_attn.o_proj.register_forward_hook(lambda _m, _i, out, i=i: stats.observe_output(i, out))
-        for i, layer in enumerate(model.expert.layers)
+        model.get_submodule(site.o_proj).register_forward_hook(lambda _m, _i, out, i=i: stats.observe_output(i, out))
+        for i, site in enumerate(sites)
     ]
     model.attention_observer = stats.observe_attention
     try:
@@ -174,18 +177,17 @@ def _scale_rows(linear: torch.nn.Module, factor: torch.Tensor) -> None:
         linear.bias.data = (linear.bias.data.float() * factor.to(w.device)).to(linear.bias.dtype)
 
 
-def fold_atm(model: PI0Model, alpha: torch.Tensor) -> None:
-    """α [layers, heads] into the rows of each expert W_q, head by head."""
-    head_dim = model.cfg.expert.head_dim
-    for i, layer in enumerate(model.expert.layers):
-        _scale_rows(layer.self_attn.q_proj, alpha[i].float().repeat_interleave(head_dim))
+def fold_atm(model: ActionModel, alpha: torch.Tensor) -> None:
+    """α [sites, heads] into the rows of each expert W_q, head by head."""
+    for i, site in enumerate(model.attention_sites()):
+        _scale_rows(model.get_submodule(site.q_proj), alpha[i].float().repeat_interleave(site.head_dim))
 
 
-def fold_ohb(model: PI0Model, beta: torch.Tensor) -> None:
-    """β [layers] into each expert W_o (and bias)."""
-    width = model.cfg.expert.width
-    for i, layer in enumerate(model.expert.layers):
-        _scale_rows(layer.self_attn.o_proj, torch.full((width,), float(beta[i])))
+def fold_ohb(model: ActionModel, beta: torch.Tensor) -> None:
+    """β [sites] into each expert W_o (and bias)."""
+    for i, site in enumerate(model.attention_sites()):
+        o_proj = model.get_submodule(site.o_proj)
+        _scale_rows(o_proj, torch.full((o_proj.out_features,), float(beta[i])))
 
 
 @dataclass
@@ -211,8 +213,8 @@ class ATMOHBResult:
 
 
 def calibrate_atm_ohb(
-    teacher: PI0Model,
-    student: PI0Model,
+    teacher: ActionModel,
+    student: ActionModel,
     buffer: CalibrationBuffer,
     atm: bool = True,
     ohb: bool = True,

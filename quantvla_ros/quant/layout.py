@@ -1,10 +1,12 @@
-"""Which Linear layers run as integers: named layouts over a model's module names.
+"""Which Linear layers run as integers: named layouts over a model's Linear groups.
 
 QuantVLA's finding (Table 1) is that quantizing the LLM costs little, while quantizing the
 action expert's attention projections breaks the policy; its layout quantizes every LLM
 linear and only the expert's MLPs. The other layouts reproduce the paper's comparisons.
-Everything else (vision tower, projector, embeddings, norms incl. adaRMS, action and time
-projections) always stays in floating point: no layout pattern reaches it.
+Each model family names its groups ("llm", "expert_mlp", "expert_attention") as regexes over
+its module names (`LINEAR_GROUPS`), so one layout means the same thing for π0.5, GR00T N1.5
+and SmolVLA. Everything else (vision tower, projector, embeddings, norms incl. adaRMS / AdaLN,
+state/action/time projections) always stays in floating point: no group reaches it.
 """
 
 from __future__ import annotations
@@ -14,24 +16,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
-LLM = (
-    r"paligemma_with_expert\.paligemma\.model\.language_model\.layers\.\d+\."
-    r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-)
-EXPERT_MLP = r"paligemma_with_expert\.gemma_expert\.model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
-EXPERT_ATTENTION = r"paligemma_with_expert\.gemma_expert\.model\.layers\.\d+\.self_attn\.[qkvo]_proj"
-
 
 @dataclass(frozen=True)
 class Layout:
-    """Module-name regexes (full match): a Linear is quantized if an include matches and no exclude."""
+    """A Linear is quantized if it is in one of `groups` or matches an `include` regex (full
+    match over module names), and matches no `exclude`."""
 
     name: str
-    include: tuple[str, ...]
+    groups: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
     def select(self, model: nn.Module) -> list[str]:
-        include = [re.compile(p) for p in self.include]
+        include = [re.compile(model.LINEAR_GROUPS[g]) for g in self.groups] + [re.compile(p) for p in self.include]
         exclude = [re.compile(p) for p in self.exclude]
         return [
             name
@@ -42,14 +39,19 @@ class Layout:
         ]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "include": list(self.include), "exclude": list(self.exclude)}
+        return {
+            "name": self.name,
+            "groups": list(self.groups),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+        }
 
 
 LAYOUTS = {
-    "quantvla": Layout("quantvla", (LLM, EXPERT_MLP)),
-    "llm_only": Layout("llm_only", (LLM,)),
-    "expert_all": Layout("expert_all", (EXPERT_MLP, EXPERT_ATTENTION)),
-    "llm_and_expert_all": Layout("llm_and_expert_all", (LLM, EXPERT_MLP, EXPERT_ATTENTION)),
+    "quantvla": Layout("quantvla", ("llm", "expert_mlp")),
+    "llm_only": Layout("llm_only", ("llm",)),
+    "expert_all": Layout("expert_all", ("expert_mlp", "expert_attention")),
+    "llm_and_expert_all": Layout("llm_and_expert_all", ("llm", "expert_mlp", "expert_attention")),
 }
 
 
@@ -63,8 +65,8 @@ def get_layout(name: str, include: list[str] | None = None, exclude: list[str] |
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"Layout pattern {pattern!r} is not a valid regular expression ({e}).") from None
-        return Layout("custom", tuple(include), tuple(exclude or ()))
+        return Layout("custom", include=tuple(include), exclude=tuple(exclude or ()))
     if name not in LAYOUTS:
         raise ValueError(f"Unknown layout {name!r}; choose one of {', '.join([*LAYOUTS, 'custom'])}.")
     layout = LAYOUTS[name]
-    return Layout(layout.name, layout.include, layout.exclude + tuple(exclude or ()))
+    return Layout(layout.name, layout.groups, layout.include, layout.exclude + tuple(exclude or ()))

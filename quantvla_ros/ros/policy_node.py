@@ -154,7 +154,7 @@ class PolicyNode(Node):
 
     def _warm_up(self) -> None:
         """One inference before the first publish, so the first real one is not slow."""
-        size = self.policy.model.cfg.vision.image_size
+        size = self.policy.model.cfg.image_size
         obs = Observation(
             images={c: np.zeros((size, size, 3), np.uint8) for c in self.mapping.camera_names},
             instruction="warm up",
@@ -297,7 +297,7 @@ class PolicyNode(Node):
             latency_p50_ms=f"{np.percentile(latencies, 50):.2f}" if latencies.size else "n/a",
             latency_p95_ms=f"{np.percentile(latencies, 95):.2f}" if latencies.size else "n/a",
             node_overhead_p50_ms=f"{np.percentile(overheads, 50):.2f}" if overheads.size else "n/a",
-            model=f"{'pi05' if self.policy.model.cfg.pi05 else 'pi0'} from {self.policy.info.path}",
+            model=f"{self.policy.model.display_name} from {self.policy.info.path}",
             quantization="float" if quant is None else f"{quant['method']} W{quant['w_bits']}A{quant['a_bits']}",
             withheld=withheld or "no",
         )

@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from quantvla_ros.atomic import write_json_atomic
 from quantvla_ros.data.messages import image_to_rgb, joint_positions
-from quantvla_ros.models.checkpoint import save_pi0
 from quantvla_ros.models.config import GemmaConfig, PI0Config, SiglipConfig
 from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.pi0_checkpoint import save_pi0
 from quantvla_ros.models.policy import Observation, Policy, load_float_policy
 from quantvla_ros.models.processing import Normalizer, NormStats, image_to_model, resize_with_pad
 from quantvla_ros.models.tokenizer import PromptTokenizer, tokenize_prompt, train_tokenizer

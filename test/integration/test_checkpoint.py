@@ -10,19 +10,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantvla_ros.models.checkpoint import (
-    EMBED_TOKENS,
-    LM_HEAD,
-    CheckpointError,
-    load_pi0,
-    read_checkpoint,
-    save_pi0,
-)
+from quantvla_ros.models.checkpoint import CheckpointError
 from quantvla_ros.models.config import tiny
+from quantvla_ros.models.pi0_checkpoint import EMBED_TOKENS, LM_HEAD, save_pi0
+from quantvla_ros.models.registry import load_model, read_checkpoint
 
 from conftest import ACTION_DIM, STATE_DIM, make_checkpoint
 
 pytestmark = pytest.mark.integration
+
+
+def load_pi0(path: Path):
+    model, info, family = load_model(path)
+    assert family.name == "pi0"
+    return model, info
+
+
 LAYOUTS = [(pi05, layout) for pi05 in (False, True) for layout in ("openpi", "lerobot")]
 IDS = [f"{'pi05' if p else 'pi0'}-{layout}" for p, layout in LAYOUTS]
 

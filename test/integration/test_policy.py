@@ -55,9 +55,9 @@ def test_predict_matches_the_model_on_hand_prepared_inputs(policies, kind):
     expected_state = policy._state_norm.normalize(obs.state)
     np.testing.assert_allclose(inputs.state[0, :STATE_DIM].numpy(), expected_state, rtol=1e-6)
     assert (inputs.state[0, STATE_DIM:] == 0).all()
-    assert inputs.tokens[0, 0] == policy.tokenizer.bos_id
+    assert inputs.tokens[0, 0] == policy.processor.tokenizer.bos_id
     length = int(inputs.token_masks.sum())
-    assert (inputs.tokens[0, length:] == policy.tokenizer.pad_id).all()
+    assert (inputs.tokens[0, length:] == policy.processor.tokenizer.pad_id).all()
 
 
 def test_pi05_reads_the_state_from_its_prompt(policies):

@@ -1,0 +1,119 @@
+"""What every policy family (π0 / π0.5, GR00T N1.5, SmolVLA) provides.
+
+Quantization, calibration, the `Policy` API, the ROS nodes and the CLI talk to a model only
+through these interfaces, so none of them special-cases a family:
+
+    ActionModel      the nn.Module: flow-matching sampling over a `ModelInputs` batch, its
+                     Linear groups by module name (what a quantization layout selects from),
+                     and its action-expert attentions (where ATM's α and OHB's β fold)
+    InputProcessor   robot observation -> model tensors (image geometry, prompt, tokenizer)
+    ModelFamily      ties a model class to its checkpoint reader/writer and processor
+
+`quantvla_ros.models.registry` holds the families and picks one from a checkpoint's config.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from quantvla_ros.models.checkpoint import CheckpointInfo
+
+# observer(site, q, k, allowed): post-RoPE queries [B, H, Tq, d], keys [B, Hkv, Tk, d] and the
+# bool mask [B, Tq, Tk] of one action-expert attention during a denoising step.
+AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One action-expert attention: α scales `q_proj`'s output rows head by head, β scales `o_proj`."""
+
+    q_proj: str  # module name of the query projection
+    o_proj: str  # module name of the output projection
+    num_heads: int
+    head_dim: int
+
+
+class ActionModel(Protocol):
+    """The module interface every family implements (see PI0Model for the reference one).
+
+    `cfg` carries at least action_dim, action_horizon, num_steps, camera_names, image_size.
+    """
+
+    FAMILY: ClassVar[str]  # key into the registry
+    # "llm" (every Linear of the language backbone), "expert_mlp", "expert_attention": one
+    # full-match regex each over module names; layouts are unions of these groups.
+    LINEAR_GROUPS: ClassVar[dict[str, str]]
+    cfg: Any
+    compute_dtype: torch.dtype
+    # Called at each attention_sites()[i] on every denoising step while set.
+    attention_observer: AttentionObserver | None
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def display_name(self) -> str:
+        """What error messages and summaries call this model, e.g. "π0.5" or "GR00T N1.5"."""
+        ...
+
+    def attention_sites(self) -> list[AttentionSite]: ...
+
+    def sample_actions(
+        self,
+        images: torch.Tensor,
+        image_masks: torch.Tensor,
+        tokens: torch.Tensor,
+        token_masks: torch.Tensor,
+        state: torch.Tensor,
+        noise: torch.Tensor,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Normalized actions [B, horizon, action_dim] in fp32 from noise of the same shape."""
+        ...
+
+    def set_dtype(self, dtype: torch.dtype) -> nn.Module: ...
+
+    def component_parameters(self) -> dict[str, int]: ...
+
+
+class InputProcessor(Protocol):
+    """One family's input geometry and prompt; the Policy does normalization and checks."""
+
+    def images(self, images: dict[str, np.ndarray]) -> tuple[np.ndarray, list[bool]]:
+        """uint8 H×W×3 per camera name -> float32 [cameras, 3, S, S] and a present-mask, in
+        the model's camera order (missing cameras filled as the family's training did)."""
+        ...
+
+    def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int64 tokens [max_token_len] and their bool mask, for one instruction and normalized state."""
+        ...
+
+    def signature(self) -> dict:
+        """Everything the two methods above depend on (tokenizer hash, sizes, prompt style)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # e.g. "pi0" (π0 and π0.5), "groot_n1_5", "smolvla"
+    # Does this config.json (parsed) in this folder describe one of ours?
+    claims: Callable[[dict, Path], bool]
+    # Folder + parsed config.json (+ optional asset/embodiment id) -> everything but the weights.
+    read_checkpoint: Callable[[Path, dict, str | None], CheckpointInfo]
+    build_model: Callable[[Any], nn.Module]
+    # File tensors -> the model's keys; also returns keys dropped on purpose (unused heads).
+    canonical_state_dict: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]]
+    # The model's tensors under the file keys of a layout (inverse of canonical_state_dict).
+    export_state_dict: Callable[[nn.Module, str], dict[str, torch.Tensor]]
+    make_processor: Callable[[CheckpointInfo], InputProcessor]
+    # Files of a checkpoint folder besides the weights (configs, tokenizer, statistics):
+    # what an artifact copies. Glob patterns relative to the folder.
+    side_files: tuple[str, ...]

@@ -1,0 +1,351 @@
+"""The π0 / π0.5 family: checkpoints in the openpi-PyTorch and LeRobot layouts.
+
+openpi (examples/convert_jax_model_to_pytorch.py):
+    model.safetensors | model.safetensors.index.json + shards, config.json
+    (paligemma_variant, action_expert_variant, action_dim, action_horizon, precision, ...),
+    assets/<asset_id>/norm_stats.json
+LeRobot (policies/pi0, policies/pi05):
+    model.safetensors with a `model.` key prefix, config.json with `type: pi0|pi05`,
+    policy_preprocessor.json / policy_postprocessor.json naming the normalizer safetensors.
+
+Keys are matched exactly: a key the model lacks or a tensor the file lacks is an error that
+lists them, except the few keys below that real checkpoints carry and inference never uses.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+from quantvla_ros.models.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    CheckpointInfo,
+    processor_state_file,
+    tensor_shapes,
+    weight_files,
+    write_weights,
+)
+from quantvla_ros.models.config import (
+    PALIGEMMA_VOCAB_SIZE,
+    PI0Config,
+    resolve_gemma,
+    resolve_siglip,
+    variant_name,
+)
+from quantvla_ros.models.family import ModelFamily
+from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.pi0_processor import PI0Processor
+from quantvla_ros.models.processing import (
+    NormStats,
+    load_lerobot_norm_stats,
+    load_openpi_norm_stats,
+    save_lerobot_norm_stats,
+    save_openpi_norm_stats,
+)
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
+EMBED_TOKENS = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+
+# Present in real checkpoints, never read at inference: the LM head (tied to the embedding,
+# used only for text generation) and the expert's unused LM head (lerobot #3109).
+IGNORED_KEYS = (
+    re.compile(r"^paligemma_with_expert\.paligemma\.lm_head\.weight$"),
+    re.compile(r"^paligemma_with_expert\.gemma_expert\.lm_head\.weight$"),
+)
+
+# transformers < 4.52 nested PaliGemma differently; older openpi/lerobot exports use these names.
+LEGACY_PREFIXES = (
+    ("paligemma_with_expert.paligemma.language_model.model.", "paligemma_with_expert.paligemma.model.language_model."),
+    ("paligemma_with_expert.paligemma.language_model.lm_head.", "paligemma_with_expert.paligemma.lm_head."),
+    ("paligemma_with_expert.paligemma.vision_tower.", "paligemma_with_expert.paligemma.model.vision_tower."),
+    (
+        "paligemma_with_expert.paligemma.multi_modal_projector.",
+        "paligemma_with_expert.paligemma.model.multi_modal_projector.",
+    ),
+)
+
+LEROBOT_NORM_MODES = {"MEAN_STD": "mean_std", "QUANTILES": "quantiles", "QUANTILE10": "quantiles", "IDENTITY": None}
+
+
+def claims(raw: dict, path: Path) -> bool:
+    """LeRobot's `type: pi0|pi05`, or openpi's config.json (no `type`, no `model_type`)."""
+    return raw.get("type") in ("pi0", "pi05") or ("type" not in raw and "model_type" not in raw)
+
+
+def _infer_pi05(shapes: dict[str, tuple[int, ...]]) -> bool:
+    return any(k.endswith("time_mlp_in.weight") and "action_time" not in k for k in shapes)
+
+
+def _vocab_size(shapes: dict[str, tuple[int, ...]]) -> int:
+    for key in (EMBED_TOKENS, LM_HEAD):
+        if key in shapes:
+            return shapes[key][0]
+    return PALIGEMMA_VOCAB_SIZE
+
+
+def read_checkpoint(path: Path, raw: dict, asset_id: str | None = None) -> CheckpointInfo:
+    layout = "lerobot" if "type" in raw else "openpi"
+    shapes = {canonical_key(k, layout): v for k, v in tensor_shapes(weight_files(path)).items()}
+    try:
+        if layout == "openpi":
+            return _read_openpi(path, raw, shapes, asset_id)
+        return _read_lerobot(path, raw, shapes)
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} has an unusable field ({e}); compare it with a fresh export."
+        ) from None
+
+
+def _common_config(raw: dict, pi05: bool, shapes: dict) -> dict:
+    return dict(
+        pi05=pi05,
+        llm=resolve_gemma(raw.get("paligemma_variant", "gemma_2b")),
+        expert=resolve_gemma(raw.get("action_expert_variant", "gemma_300m")),
+        vision=resolve_siglip(raw.get("vision_variant", "so400m_14_224")),
+        vocab_size=_vocab_size(shapes),
+    )
+
+
+def _read_openpi(path: Path, raw: dict, shapes: dict, asset_id: str | None) -> CheckpointInfo:
+    pi05 = bool(raw["pi05"]) if "pi05" in raw else _infer_pi05(shapes)
+    cfg = PI0Config(
+        **_common_config(raw, pi05, shapes),
+        action_dim=int(raw.get("action_dim", 32)),
+        action_horizon=int(raw.get("action_horizon", 50)),
+        max_token_len=int(raw.get("max_token_len", 200 if pi05 else 48)),
+        num_steps=int(raw.get("num_steps", 10)),
+        camera_names=tuple(raw.get("camera_names", PI0Config.camera_names)),
+        discrete_state_input=bool(raw.get("discrete_state_input", True)),
+    )
+    stats_files = sorted(path.glob("assets/*/norm_stats.json"))
+    if asset_id is not None:
+        stats_files = [f for f in stats_files if f.parent.name == asset_id]
+        if not stats_files:
+            raise CheckpointError(
+                f"{path / 'assets' / asset_id / 'norm_stats.json'} does not exist; check the asset id."
+            )
+    if len(stats_files) > 1:
+        ids = ", ".join(f.parent.name for f in stats_files)
+        raise CheckpointError(
+            f"{path / 'assets'} holds statistics for several robots ({ids}); choose one with asset_id."
+        )
+    stats = load_openpi_norm_stats(stats_files[0]) if stats_files else {}
+    # openpi normalizes π0 with mean/std and everything newer with quantiles.
+    mode = "quantiles" if pi05 else "mean_std"
+    return CheckpointInfo(
+        path=path,
+        layout="openpi",
+        config=cfg,
+        norm_stats=stats,
+        state_norm=mode if "state" in stats else None,
+        action_norm=mode if "actions" in stats else None,
+        state_dim=_stats_dim(stats.get("state")),
+        action_dim=_stats_dim(stats.get("actions")),
+        norm_eps=1e-6,
+        asset_id=stats_files[0].parent.name if stats_files else None,
+    )
+
+
+def _stats_dim(stats: NormStats | None) -> int | None:
+    if stats is None:
+        return None
+    for arr in (stats.mean, stats.q01):
+        if arr is not None:
+            return int(arr.shape[-1])
+    return None
+
+
+def _read_lerobot(path: Path, raw: dict, shapes: dict) -> CheckpointInfo:
+    pi05 = raw["type"] == "pi05"
+    inputs = raw.get("input_features", {})
+    outputs = raw.get("output_features", {})
+    cameras = [k.removeprefix("observation.images.") for k, v in inputs.items() if v.get("type") == "VISUAL"]
+    cameras += [f"empty_camera_{i}" for i in range(int(raw.get("empty_cameras", 0)))]
+    cfg = PI0Config(
+        **_common_config(raw, pi05, shapes),
+        action_dim=int(raw.get("max_action_dim", 32)),
+        action_horizon=int(raw.get("chunk_size", 50)),
+        max_token_len=int(raw.get("tokenizer_max_length", 200 if pi05 else 48)),
+        num_steps=int(raw.get("num_inference_steps", 10)),
+        camera_names=tuple(cameras) or PI0Config.camera_names,
+    )
+    files = [
+        f
+        for f in (
+            processor_state_file(path, "policy_preprocessor.json", "normalizer_processor"),
+            processor_state_file(path, "policy_postprocessor.json", "unnormalizer_processor"),
+        )
+        if f is not None
+    ]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path} lacks the normalizer file(s) its processor JSON names: {', '.join(missing)}.")
+    stats = load_lerobot_norm_stats(files) if files else {}
+    mapping = raw.get("normalization_mapping", {})
+    state_shape = inputs.get("observation.state", {}).get("shape")
+    action_shape = outputs.get("action", {}).get("shape")
+    return CheckpointInfo(
+        path=path,
+        layout="lerobot",
+        config=cfg,
+        norm_stats=stats,
+        state_norm=_lerobot_mode(path, mapping.get("STATE", "QUANTILES" if pi05 else "MEAN_STD")),
+        action_norm=_lerobot_mode(path, mapping.get("ACTION", "QUANTILES" if pi05 else "MEAN_STD")),
+        state_dim=int(state_shape[0]) if state_shape else None,
+        action_dim=int(action_shape[0]) if action_shape else None,
+        norm_eps=1e-8,
+    )
+
+
+def _lerobot_mode(path: Path, name: str) -> str | None:
+    if name not in LEROBOT_NORM_MODES:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} asks for normalization {name!r}; supported are {', '.join(LEROBOT_NORM_MODES)}."
+        )
+    return LEROBOT_NORM_MODES[name]
+
+
+# ---- weights -------------------------------------------------------------------------------
+def canonical_key(key: str, layout: str) -> str:
+    """A checkpoint key as this model names it."""
+    if layout == "lerobot":
+        key = key.removeprefix("model.")
+    for old, new in LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def canonical_state_dict(raw: dict[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Checkpoint keys -> this model's keys; returns the state dict and the keys ignored on purpose."""
+    out = {canonical_key(key, layout): tensor for key, tensor in raw.items()}
+    # The token embedding is tied to the LM head; exports often keep only the head.
+    if EMBED_TOKENS not in out and LM_HEAD in out:
+        out[EMBED_TOKENS] = out[LM_HEAD]
+    ignored = sorted(k for k in out if any(p.match(k) for p in IGNORED_KEYS))
+    for k in ignored:
+        del out[k]
+    return out, ignored
+
+
+# ---- saving --------------------------------------------------------------------------------
+def export_state_dict(model: PI0Model, layout: str) -> dict[str, torch.Tensor]:
+    """The model's tensors under the keys real checkpoints use (embedding stored as lm_head)."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        key = LM_HEAD if key == EMBED_TOKENS else key
+        out[("model." + key) if layout == "lerobot" else key] = tensor.detach().contiguous()
+    return out
+
+
+def _openpi_config(cfg: PI0Config, dtype: torch.dtype) -> dict:
+    return {
+        "action_dim": cfg.action_dim,
+        "action_horizon": cfg.action_horizon,
+        "paligemma_variant": variant_name(cfg.llm),
+        "action_expert_variant": variant_name(cfg.expert),
+        "vision_variant": variant_name(cfg.vision),
+        "precision": str(dtype).removeprefix("torch."),
+        "pi05": cfg.pi05,
+        "max_token_len": cfg.max_token_len,
+        "discrete_state_input": cfg.discrete_state_input,
+        "num_steps": cfg.num_steps,
+        "camera_names": list(cfg.camera_names),
+    }
+
+
+def _lerobot_config(cfg: PI0Config, dtype: torch.dtype, state_dim: int | None, action_dim: int | None) -> dict:
+    image = [3, cfg.vision.image_size, cfg.vision.image_size]
+    inputs = {f"observation.images.{c}": {"type": "VISUAL", "shape": image} for c in cfg.camera_names}
+    inputs["observation.state"] = {"type": "STATE", "shape": [state_dim or cfg.action_dim]}
+    mode = "QUANTILES" if cfg.pi05 else "MEAN_STD"
+    return {
+        "type": "pi05" if cfg.pi05 else "pi0",
+        "paligemma_variant": variant_name(cfg.llm),
+        "action_expert_variant": variant_name(cfg.expert),
+        "vision_variant": variant_name(cfg.vision),
+        "dtype": str(dtype).removeprefix("torch."),
+        "chunk_size": cfg.action_horizon,
+        "n_action_steps": cfg.action_horizon,
+        "max_state_dim": cfg.action_dim,
+        "max_action_dim": cfg.action_dim,
+        "num_inference_steps": cfg.num_steps,
+        "tokenizer_max_length": cfg.max_token_len,
+        "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
+        "input_features": inputs,
+        "output_features": {"action": {"type": "ACTION", "shape": [action_dim or cfg.action_dim]}},
+        "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode},
+    }
+
+
+def save_pi0(
+    model: PI0Model,
+    path: Path | str,
+    layout: str = "openpi",
+    norm_stats: dict[str, NormStats] | None = None,
+    tokenizer_dir: Path | None = None,
+    asset_id: str = "robot",
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write a checkpoint folder that `registry.load_model` (and openpi / LeRobot) read back."""
+    if layout not in ("openpi", "lerobot"):
+        raise ValueError(f"Unknown checkpoint layout {layout!r}; use 'openpi' or 'lerobot'.")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    dtype = model.compute_dtype
+    write_weights(export_state_dict(model, layout), path, max_shard_bytes)
+    stats = norm_stats or {}
+    state_dim = _stats_dim(stats.get("state"))
+    action_dim = _stats_dim(stats.get("actions"))
+    if layout == "openpi":
+        write_json_atomic(path / CONFIG_FILE, _openpi_config(cfg, dtype))
+        if stats:
+            save_openpi_norm_stats(path / "assets" / asset_id / "norm_stats.json", stats)
+    else:
+        write_json_atomic(path / CONFIG_FILE, _lerobot_config(cfg, dtype, state_dim, action_dim))
+        pre = "policy_preprocessor_step_2_normalizer_processor.safetensors"
+        post = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+        write_json_atomic(
+            path / "policy_preprocessor.json",
+            {"name": "policy_preprocessor", "steps": [{"registry_name": "normalizer_processor", "state_file": pre}]},
+        )
+        write_json_atomic(
+            path / "policy_postprocessor.json",
+            {
+                "name": "policy_postprocessor",
+                "steps": [{"registry_name": "unnormalizer_processor", "state_file": post}],
+            },
+        )
+        save_lerobot_norm_stats(path / pre, {k: v for k, v in stats.items() if k == "state"})
+        save_lerobot_norm_stats(path / post, {k: v for k, v in stats.items() if k == "actions"})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists():
+                write_bytes_atomic(path / name, src.read_bytes())
+    return path
+
+
+PI0_FAMILY = ModelFamily(
+    name=PI0Model.FAMILY,
+    claims=claims,
+    read_checkpoint=read_checkpoint,
+    build_model=PI0Model,
+    canonical_state_dict=canonical_state_dict,
+    export_state_dict=export_state_dict,
+    make_processor=PI0Processor.from_checkpoint,
+    side_files=(
+        CONFIG_FILE,
+        *TOKENIZER_FILES,
+        "policy_preprocessor.json",
+        "policy_postprocessor.json",
+        "*normalizer_processor.safetensors",
+        "assets/*/norm_stats.json",
+    ),
+)
