@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ChildProcessError) as e:
+        # User errors and failed child nodes end in their message (with the node's log), not a traceback.
         print(f"quantvla {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -54,7 +54,10 @@ def _calibrate(policy: Path, bags: list[Path], out: Path) -> Path:
     cmd = [str(exe), "--ros-args", "--params-file", str(config_file("sim_policy.yaml")), "--params-file", str(params)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"The calibration node failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise ChildProcessError(
+            f"The calibration node exited with code {done.returncode}; its log ends:\n"
+            f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     return artifact
 
 

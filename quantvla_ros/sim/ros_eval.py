@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import rclpy
@@ -44,6 +45,9 @@ def evaluate_over_ros(
         node_log = tmp / "policy_node.log"
         with open(node_log, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # The sim node would wait forever for a policy node that died (a bad path, a wrong
+        # checkpoint): stopping ROS ends its wait, and the node's log becomes the error.
+        threading.Thread(target=_shutdown_if_failed, args=(proc,), daemon=True).start()
         sim_params = _params_file(
             tmp,
             "sim",
@@ -71,14 +75,16 @@ def evaluate_over_ros(
             results = sim.run()
             sim.destroy_node()
         finally:
-            rclpy.shutdown()
+            rclpy.try_shutdown()
             proc.terminate()
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
         if proc.returncode not in (0, -15) and not results:
-            raise RuntimeError(f"The policy node failed: {node_log.read_text()[-2000:]}")
+            raise ChildProcessError(
+                f"The policy node exited with code {proc.returncode}; its log ends:\n{node_log.read_text()[-2000:]}"
+            )
     outcomes = {task: [(r["success"], r["steps"]) for r in results if r["task"] == task] for task in tasks}
     measured = [float(v) for v in latencies if v != "n/a"]
     return {
@@ -86,3 +92,8 @@ def evaluate_over_ros(
         "policy_latency_p50_ms": measured[-1] if measured else None,
         "via": "ros",
     }
+
+
+def _shutdown_if_failed(proc: subprocess.Popen) -> None:
+    if proc.wait() not in (0, -15):
+        rclpy.try_shutdown()

@@ -17,6 +17,7 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
+from quantvla_ros.cli import main
 from quantvla_ros.paths import config_file, demo_policy
 from quantvla_ros.sim.ros_eval import evaluate_over_ros
 from quantvla_ros.sim.tasks import INSTRUCTIONS, STATE_NAMES
@@ -69,3 +70,12 @@ def test_the_ros_loop_completes_an_episode_with_the_shipped_policy():
     task = result["tasks"]["drawer-close"]
     assert len(task["successes"]) == 1 and 0 < task["mean_length"] <= 200
     assert result["policy_latency_p50_ms"] is not None and result["policy_latency_p50_ms"] > 0
+
+
+def test_a_policy_node_that_cannot_start_ends_the_evaluation_with_its_log(tmp_path, capsys):
+    not_a_policy = tmp_path / "not_a_policy"
+    not_a_policy.mkdir()
+    code = main(["eval-sim", "--ros", "--policy", str(not_a_policy), "--tasks", "reach", "--episodes", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "The policy node exited with code" in err and "config.json" in err
