@@ -40,7 +40,18 @@ class AdaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if cond is None:
             raise ValueError("An adaRMS layer needs the time condition; pass the suffix's adarms_cond.")
-        scale, shift, gate = self.dense(cond.to(self.dense.weight.dtype))[:, None, :].chunk(3, dim=-1)
+        return self.modulate(x, self.modulation(cond))
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond [B, cond_dim] -> [B, 3 * dim], (scale, shift, gate) side by side.
+
+        Depends on the timestep only, so an inference engine can compute it once per schedule.
+        """
+        return self.dense(cond.to(self.dense.weight.dtype))
+
+    def modulate(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm of x [B, T, dim] under a modulation() output ([B or 1, 3 * dim]), and the residual gate."""
+        scale, shift, gate = modulation[:, None, :].chunk(3, dim=-1)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype), gate.to(x.dtype)
@@ -70,9 +81,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     The mask is additive with the dtype's most negative value, so a query row that may see
     nothing (a padding token) gives a finite uniform average instead of NaN.
     """
-    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~allowed, torch.finfo(q.dtype).min)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], enable_gqa=k.shape[1] != q.shape[1])
+    return attend(q, k, v, attention_bias(allowed, q.dtype))
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask [B, Tq, Tk] -> additive bias [B, 1, Tq, Tk], built once where many layers share it."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """attention() with its bias already built by attention_bias()."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != q.shape[1])
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)
 
@@ -85,6 +106,14 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed h [B, T, width] -> q [B, H, T, d], k/v [B, Hkv, T, d], before RoPE."""
+        b, t, _ = h.shape
+        q = self.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
 
 
 class GemmaMLP(nn.Module):
@@ -115,12 +144,7 @@ class GemmaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Pre-attention half: q [B, H, T, d], k/v [B, Hkv, T, d] before RoPE, and the residual gate."""
         h, gate = self.input_layernorm(x, cond)
-        b, t, _ = h.shape
-        attn = self.self_attn
-        q = attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        return q, k, v, gate
+        return *self.self_attn.project(h), gate
 
     def finish(
         self, x: torch.Tensor, attn_out: torch.Tensor, gate: torch.Tensor | None, cond: torch.Tensor | None

@@ -1,0 +1,354 @@
+"""End-to-end latency of one policy inference on one GPU: eager PyTorch against the engine, float and QuantVLA.
+
+    python bench/e2e.py --json bench/e2e.json        # full-size π0.5 on the GPU, random weights
+    python bench/e2e.py --config small                # a small π0.5 with the real input shapes, runs on the CPU
+
+Full size: 3 cameras at 224 px, 200 prompt slots, horizon 50, 10 Euler steps, batch 1. Variants,
+all in one run on one card (float32 instead of bf16 on the CPU):
+
+    bf16 eager        PI0Model.sample_actions
+    bf16 optimized    PI0Engine: precomputed timestep schedule, static buffers, a CUDA graph per stage
+    W4A8 optimized    the same engine over the QuantVLA layout (every LLM Linear and the action
+    W4A4 optimized    expert's MLPs) as QuantLinears with dynamic per-token activations
+
+The quantized variants are built without calibration data: `quantize_` with the `rtn` method,
+which is the QuantVLA layout with round-to-nearest weights, transform "none", atm=False,
+ohb=False. That is the right model for a speed benchmark on random weights: ATM's α and OHB's β
+fold into existing weights and cost nothing at run time, and activation statistics only change
+values, not work. The one thing it leaves out is the DuQuant-style input transform of the full
+method (a block-Hadamard rotation of each quantized layer's input at run time), whose cost is
+therefore not in these figures.
+
+Per variant: median milliseconds over --runs after --warmup of each stage (vision: SigLIP,
+projector and prompt embedding; prefix: the LLM pass that fills the K/V cache; denoise: all
+expert steps), timed with a device sync after each stage, and of the whole call timed on its
+own; peak GPU memory (max_memory_allocated, reset before each variant, weights included).
+Ratios are against bf16 eager and bf16 optimized from the same run. The floor of each stage is
+max(weight and K/V bytes read / copy bandwidth, FLOPs / bf16 matmul rate), with both rates
+measured in this run (a 1 GiB device-to-device copy, an 8192³ bf16 matmul), weights counted
+as each variant stores them, quantized layers at the bf16 rate too. Not a test.
+
+Each model family is one entry of MODELS (configs, builder, inputs, stages, costs); GR00T N1.5
+goes in as another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+from torch import nn
+
+from quantvla_ros.engine.pi0_engine import PI0Engine
+from quantvla_ros.models.config import PI0Config, pi05_full, small_pi05
+from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.quant.api import method_config, quantize_
+from quantvla_ros.quant.layout import LAYOUTS
+from quantvla_ros.quant.linear import QuantLinear
+from quantvla_ros.quant.memory import layout_memory
+
+STAGES = ("vision", "prefix", "denoise")
+# name, (weight bits, activation bits) or None for float, engine or eager
+VARIANTS = [
+    ("eager", None, False),
+    ("optimized", None, True),
+    ("W4A8 optimized", (4, 8), True),
+    ("W4A4 optimized", (4, 4), True),
+]
+
+
+@dataclass
+class Cost:
+    flops: float = 0.0
+    bytes: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+    def __mul__(self, k: float) -> Cost:
+        return Cost(self.flops * k, self.bytes * k)
+
+    def floor_ms(self, bandwidth: float, rate: float) -> float:
+        return 1e3 * max(self.bytes / bandwidth, self.flops / rate)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the benchmark needs of one model family."""
+
+    configs: dict[str, Callable[[], object]]
+    build: Callable[[object, torch.dtype], nn.Module]  # config, float dtype -> random-init model on the default device
+    inputs: Callable[[object, torch.device], dict[str, torch.Tensor]]  # config -> one batch
+    # (model, batch, optimized, torch.compile) -> ({stage name: fn}, fn of the whole call)
+    stages: Callable[[nn.Module, dict, bool, bool], tuple[dict[str, Callable[[], None]], Callable[[], None]]]
+    costs: Callable[[nn.Module, dict], dict[str, Cost]]  # model, batch -> cost per stage
+    quantized_layout: str
+
+
+# ---- π0 / π0.5 ------------------------------------------------------------------------
+def pi0_inputs(cfg: PI0Config, device: torch.device) -> dict[str, torch.Tensor]:
+    size, cams = cfg.vision.image_size, len(cfg.camera_names)
+    with device:
+        return dict(
+            images=torch.rand(1, cams, 3, size, size) * 2 - 1,
+            image_masks=torch.ones(1, cams, dtype=torch.bool),
+            tokens=torch.randint(0, cfg.vocab_size, (1, cfg.max_token_len)),
+            token_masks=torch.ones(1, cfg.max_token_len, dtype=torch.bool),
+            state=torch.zeros(1, cfg.action_dim),
+            noise=torch.randn(1, cfg.action_horizon, cfg.action_dim),
+        )
+
+
+def pi0_stages(model: PI0Model, batch: dict, optimized: bool, compile: bool):
+    prompt = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
+    if optimized:
+        engine = PI0Engine(model, compile=compile)
+        stages = {
+            "vision": lambda: engine.embed(*prompt),
+            "prefix": engine.prefix,
+            "denoise": lambda: engine.denoise(batch["state"], batch["noise"]),
+        }
+        return stages, lambda: engine.sample_actions(**batch)
+    # The plain model's own stages, as bench/latency.py times them.
+    held: dict = {}
+
+    def vision() -> None:
+        held["prefix"] = model.embed_prefix(*prompt)
+
+    def prefix() -> None:
+        held["kv"] = model.compute_prefix_kv(*held["prefix"])
+
+    @torch.no_grad()
+    def denoise() -> None:
+        n, x_t = model.cfg.num_steps, batch["noise"]
+        for step in range(n):
+            t = torch.full((1,), 1.0 - step / n, device=x_t.device)
+            x_t = x_t - model.velocity_cached(batch["state"], held["prefix"][1], held["kv"], x_t, t) / n
+
+    return {"vision": torch.no_grad()(vision), "prefix": torch.no_grad()(prefix), "denoise": denoise}, (
+        lambda: model.sample_actions(**batch)
+    )
+
+
+def linear_cost(modules: list[nn.Module], tokens: int) -> Cost:
+    """FLOPs of `tokens` rows through each Linear / QuantLinear, and the bytes of its weight as stored."""
+    cost = Cost()
+    for m in modules:
+        if isinstance(m, QuantLinear):
+            weight_bytes = m.weight_bytes()
+        else:
+            weight_bytes = m.weight.numel() * m.weight.element_size()
+        cost += Cost(2 * tokens * m.in_features * m.out_features, weight_bytes)
+    return cost
+
+
+def linears(module: nn.Module, skip: tuple[str, ...] = ()) -> list[nn.Module]:
+    return [
+        m
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.Linear, QuantLinear)) and not any(name.endswith(s) for s in skip)
+    ]
+
+
+def pi0_costs(model: PI0Model, batch: dict) -> dict[str, Cost]:
+    cfg, (b, cams) = model.cfg, batch["images"].shape[:2]
+    vis, llm, exp = cfg.vision, cfg.llm, cfg.expert
+    pali = model.paligemma_with_expert.paligemma.model
+    images, patches = b * cams, vis.num_patches
+    conv = pali.vision_tower.vision_model.embeddings.patch_embedding
+    vision = linear_cost(linears(pali.vision_tower) + [pali.multi_modal_projector.linear], images * patches)
+    vision += Cost(2 * images * patches * conv.weight.numel(), conv.weight.numel() * conv.weight.element_size())
+    vision += Cost(vis.depth * images * 4 * patches**2 * vis.width)
+    p = cams * patches + batch["tokens"].shape[1]
+    heads = llm.num_heads * llm.head_dim
+    prefix = linear_cost(linears(model.llm), b * p) + Cost(llm.depth * b * 4 * p * p * heads)
+    s = cfg.action_horizon + (0 if cfg.pi05 else 1)
+    # adaRMS modulations and the time MLP depend only on the schedule: the engine precomputes them.
+    step = linear_cost(linears(model.expert, skip=("dense",)), b * s)
+    projections = [model.action_in_proj, model.action_out_proj]
+    if not cfg.pi05:
+        projections += [model.action_time_mlp_in, model.action_time_mlp_out]
+    step += linear_cost(projections, b * cfg.action_horizon)
+    kv_bytes = llm.depth * 2 * b * llm.num_kv_heads * (p + s) * llm.head_dim * model.compute_dtype.itemsize
+    step += Cost(exp.depth * b * 4 * s * (p + s) * heads, kv_bytes)
+    return {"vision": vision, "prefix": prefix, "denoise": step * cfg.num_steps}
+
+
+def build_pi0(cfg: PI0Config, dtype: torch.dtype) -> PI0Model:
+    return PI0Model(cfg).set_dtype(dtype).eval()
+
+
+MODELS = {
+    "pi05": ModelEntry(
+        configs={
+            "full": lambda: pi05_full().with_changes(action_horizon=50, max_token_len=200, num_steps=10),
+            "small": lambda: small_pi05().with_changes(action_horizon=50, num_steps=10),
+        },
+        build=build_pi0,
+        inputs=pi0_inputs,
+        stages=pi0_stages,
+        costs=pi0_costs,
+        quantized_layout="quantvla",
+    ),
+}
+
+
+# ---- measurement ----------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn: Callable[[], None], device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and matmul FLOP/s in the variants' float dtype."""
+    copy_bytes, n = (2**30, 8192) if device.type == "cuda" else (2**26, 1024)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    copy_s = statistics.median(timed_ms(lambda: dst.copy_(src), device) for _ in range(10)) / 1e3
+    mm_s = statistics.median(timed_ms(lambda: a @ b, device) for _ in range(10)) / 1e3
+    return {"bandwidth_Bps": 2 * copy_bytes / copy_s, "matmul_flops": 2 * n**3 / mm_s, "matmul_n": n}
+
+
+def run_variant(entry: ModelEntry, model, batch, optimized, args, device) -> dict:
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    stages, whole = entry.stages(model, batch, optimized, args.compile)
+    for _ in range(args.warmup):
+        whole()
+        for fn in stages.values():
+            fn()
+    sync(device)
+    per_stage = {name: [] for name in stages}
+    for _ in range(args.runs):
+        for name, fn in stages.items():
+            per_stage[name].append(timed_ms(fn, device))
+    total = [timed_ms(whole, device) for _ in range(args.runs)]
+    result = {name: statistics.median(v) for name, v in per_stage.items()}
+    result["total"] = statistics.median(total)
+    result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return result
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'variant':<20}" + "".join(f"{s + ' ms':>12}" for s in (*STAGES, "total"))
+    head += f"{'peak GiB':>10}{'vs eager':>10}{'vs opt':>9}{'floor ms':>10}{'of floor':>10}"
+    print(head)
+    for r in rows:
+        line = f"{r['variant']:<20}" + "".join(f"{r['ms'][s]:>12.2f}" for s in (*STAGES, "total"))
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        line += f"{peak:>10}{r['vs_eager']:>9.2f}x{r['vs_optimized']:>8.2f}x"
+        line += f"{r['floor_ms']['total']:>10.2f}{r['floor_ms']['total'] / r['ms']['total']:>9.0%}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="pi05")
+    parser.add_argument("--config", choices=["full", "small"], default="full")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", type=int, help="timed runs per variant (default 50 on CUDA, 3 on the CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed runs first (default 5 on CUDA, 1 on the CPU)")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the engine's stages")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; run on a GPU machine or pass --device cpu --config small.")
+    args.runs = args.runs or (50 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    float_name = "bf16" if cuda else "fp32"
+    entry = MODELS[args.model]
+    cfg = entry.configs[args.config]()
+    card = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"{args.model} {args.config} on {card}, torch {torch.__version__}, {args.runs} runs after {args.warmup}")
+
+    caps = ceilings(device, dtype)
+    print(
+        f"ceilings: copy {caps['bandwidth_Bps'] / 1e12:.2f} TB/s, {float_name} matmul "
+        f"{caps['matmul_flops'] / 1e12:.1f} TFLOP/s ({caps['matmul_n']}³)"
+    )
+    rows, model, memory = [], None, None
+    for name, quant, optimized in VARIANTS:
+        if model is None or quant is not None:
+            model = None
+            gc.collect()
+            torch.manual_seed(0)
+            with device:
+                model = entry.build(cfg, dtype)
+            layout = LAYOUTS[entry.quantized_layout]
+            memory = memory or layout_memory(model, layout, w_bits=4)
+            if quant is not None:
+                config = method_config("rtn", layout=layout, w_bits=quant[0], a_bits=quant[1])
+                quantize_(model, config, progress=False)
+        batch = entry.inputs(cfg, device)
+        label = name if quant else f"{float_name} {name}"
+        t0 = time.perf_counter()
+        result = run_variant(entry, model, batch, optimized, args, device)
+        costs = entry.costs(model, batch)
+        floor = {s: c.floor_ms(caps["bandwidth_Bps"], caps["matmul_flops"]) for s, c in costs.items()}
+        floor["total"] = sum(floor.values())
+        rows.append(
+            {
+                "variant": label,
+                "ms": {k: result[k] for k in (*STAGES, "total")},
+                "peak_gib": result["peak_gib"],
+                "floor_ms": floor,
+                "gflops": {s: c.flops / 1e9 for s, c in costs.items()},
+                "weight_and_kv_mb": {s: c.bytes / 1e6 for s, c in costs.items()},
+            }
+        )
+        print(f"  {label}: {result['total']:.2f} ms ({time.perf_counter() - t0:.0f} s with warm-up)")
+    eager, optimized_row = rows[0]["ms"]["total"], rows[1]["ms"]["total"]
+    for r in rows:
+        r["vs_eager"] = eager / r["ms"]["total"]
+        r["vs_optimized"] = optimized_row / r["ms"]["total"]
+    print()
+    print_table(rows)
+    mib = 2**20
+    print(
+        f"\nweight memory of the quantized components ({memory['layout']} layout, "
+        f"{len(memory['modules'])} Linears): bf16 {memory['bf16_bytes'] / mib:.1f} MiB -> "
+        f"W4 {memory['quantized_bytes'] / mib:.1f} MiB ({memory['ratio']:.2f}x); whole model in bf16 "
+        f"{memory['model_bf16_bytes'] / mib:.1f} -> {memory['model_quantized_bytes'] / mib:.1f} MiB"
+    )
+    if args.json:
+        result = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": card,
+            "torch": torch.__version__,
+            "model": args.model,
+            "config": args.config,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "compile": args.compile,
+            "ceilings": caps,
+            "rows": rows,
+            "weight_memory": {k: v for k, v in memory.items() if k != "modules"},
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
