@@ -173,6 +173,8 @@ _tuned = triton.autotune(
 _INTERPRETER_CONFIG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
 _MIN_TILE = (16, 32)  # smallest BM, BN of any config above: sizes the split-K counters
 _locks: dict[torch.device, torch.Tensor] = {}
+# Outgrown counter sets stay allocated: a CUDA graph captured earlier still launches on them.
+_outgrown_locks: list[torch.Tensor] = []
 
 
 def _split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
@@ -181,6 +183,8 @@ def _split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
     # graph capture (as autotuning must anyway).
     locks = _locks.get(device)
     if locks is None or locks.numel() < tiles:
+        if locks is not None:
+            _outgrown_locks.append(locks)
         locks = _locks[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
     return locks
 

@@ -346,3 +346,12 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_outgrown_split_k_counters_stay_allocated_for_graphs_captured_on_them():
+    device = torch.device("cpu")
+    first = triton_gemm._split_k_counters(device, 8)
+    grown = triton_gemm._split_k_counters(device, first.numel() + 1)
+    assert grown.numel() > first.numel() and grown.data_ptr() != first.data_ptr()
+    assert any(t is first for t in triton_gemm._outgrown_locks)
+    assert triton_gemm._split_k_counters(device, 8) is grown
