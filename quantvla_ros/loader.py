@@ -1,4 +1,6 @@
-"""`load_policy(path)`: a float checkpoint folder or a quantized artifact, as one `Policy`."""
+"""`load_policy(path)`: a float checkpoint folder or a quantized artifact, as one `Policy`,
+run by the family's inference engine where it has one (static buffers, precomputed timestep
+schedule, CUDA graphs on the GPU)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ from pathlib import Path
 
 import torch
 
+from quantvla_ros.engine.pi0_engine import PI0Engine
 from quantvla_ros.models.policy import Policy, default_dtype, load_float_policy
 from quantvla_ros.quant.artifact import is_artifact, load_artifact
+
+ENGINES = {"pi0": PI0Engine}  # family -> engine class; families without one run their model eagerly
+ENGINE_MODES = ("auto", "on", "off")  # auto = on CUDA where the family has an engine
 
 
 def load_policy(
@@ -16,10 +22,25 @@ def load_policy(
     dtype: torch.dtype | None = None,
     asset_id: str | None = None,
     action_dt: float | None = None,
+    engine: str = "auto",
 ) -> Policy:
     """Load a float checkpoint of any registered family or a `quantvla quantize` artifact."""
+    if engine not in ENGINE_MODES:
+        raise ValueError(f"engine {engine!r} must be one of {', '.join(ENGINE_MODES)}.")
     path = Path(path)
-    if not is_artifact(path):
-        return load_float_policy(path, device, dtype, asset_id, action_dt)
-    model, info, family, quant_config = load_artifact(path, device, dtype or default_dtype(device))
-    return Policy(model, info, family.make_processor(info), action_dt, quant_config)
+    if is_artifact(path):
+        model, info, family, quant_config = load_artifact(path, device, dtype or default_dtype(device))
+        policy = Policy(model, info, family.make_processor(info), action_dt, quant_config)
+    else:
+        policy = load_float_policy(path, device, dtype, asset_id, action_dt)
+    return use_engine(policy, engine)
+
+
+def use_engine(policy: Policy, engine: str) -> Policy:
+    """Run the policy through its family's engine: "on", "off", or "auto" (on CUDA only)."""
+    engine_class = ENGINES.get(policy.model.FAMILY)
+    if engine == "on" and engine_class is None:
+        raise ValueError(f"{policy.model.display_name} has no optimized engine yet; set engine to 'auto' or 'off'.")
+    if engine == "on" or (engine == "auto" and engine_class is not None and policy.device.type == "cuda"):
+        policy.sampler = engine_class(policy.model)
+    return policy

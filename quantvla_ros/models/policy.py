@@ -61,6 +61,8 @@ class Policy:
         quant_config: dict | None = None,
     ) -> None:
         self.model = model
+        # What runs sample_actions: the model itself, or an inference engine over it (see loader.py).
+        self.sampler: ActionModel = model
         self.info = info
         self.processor = processor
         self.action_dt = action_dt
@@ -141,7 +143,7 @@ class Policy:
                 noise_t = noise_t[None].expand(batch, -1, -1)
             if tuple(noise_t.shape) != shape:
                 raise ValueError(f"noise has shape {tuple(noise_t.shape)}; this policy needs {shape[1:]}.")
-        return self.model.sample_actions(
+        return self.sampler.sample_actions(
             inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks, inputs.state, noise_t
         )
 

@@ -46,6 +46,7 @@ PARAMETERS: dict[str, object] = {
     "policy_path": Parameter.Type.STRING,
     "device": "cpu",
     "dtype": "",
+    "engine": "auto",
     "camera_names": Parameter.Type.STRING_ARRAY,
     "camera_topics": Parameter.Type.STRING_ARRAY,
     "camera_types": Parameter.Type.STRING_ARRAY,
@@ -86,7 +87,9 @@ class PolicyNode(Node):
         if p["inference_rate"] <= 0 or p["action_dt"] <= 0 or p["max_input_age"] <= 0:
             raise ValueError("Parameters inference_rate, action_dt and max_input_age must be positive.")
         dtype = getattr(torch, p["dtype"]) if p["dtype"] else None
-        self.policy: Policy = load_policy(p["policy_path"], device=p["device"], dtype=dtype, action_dt=p["action_dt"])
+        self.policy: Policy = load_policy(
+            p["policy_path"], device=p["device"], dtype=dtype, action_dt=p["action_dt"], engine=p["engine"]
+        )
         self._check_mapping()
         self.action_dt = p["action_dt"]
         self.max_age = p["max_input_age"]

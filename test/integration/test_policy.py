@@ -131,3 +131,18 @@ def test_bfloat16_policy_runs_on_cpu(checkpoints):
     high = reference.predict(observation(), eps).actions
     spread = robot_stats()["actions"].q99 - robot_stats()["actions"].q01
     assert np.abs(low - high).max() < 0.1 * spread.max()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=IDS)
+def test_the_inference_engine_predicts_what_the_model_predicts(policies, checkpoints, kind):
+    engine_policy = load_policy(checkpoints[kind], engine="on")
+    assert type(engine_policy.sampler).__name__ == "PI0Engine"
+    assert policies[kind].sampler is policies[kind].model  # "auto" on the CPU runs the model itself
+    eps = noise(engine_policy)
+    expected = policies[kind].predict(observation(), eps).actions
+    np.testing.assert_allclose(engine_policy.predict(observation(), eps).actions, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_engine_mode_is_one_clear_sentence(checkpoints):
+    with pytest.raises(ValueError, match="engine 'fast' must be one of auto, on, off"):
+        load_policy(checkpoints[(True, "openpi")], engine="fast")
