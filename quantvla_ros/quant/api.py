@@ -171,17 +171,19 @@ def collect_static_scales(
 
 
 def make_transform(config: QuantConfig, weight: torch.Tensor, absmax: torch.Tensor | None) -> InputTransform | None:
-    if config.transform == "none":
+    """The layer's input transform; `absmax` is None for a layer calibration never ran (one whose
+    output inference never reads, like SmolVLA's last LLM MLP), which gets no smoothing."""
+    if config.transform == "none" or (config.transform == "smoothquant" and absmax is None):
         return None
-    absmax = absmax.to(weight.device)
     if config.transform == "smoothquant":
-        return smoothquant(weight, absmax, config.smoothquant_alpha)
+        return smoothquant(weight, absmax.to(weight.device), config.smoothquant_alpha)
     # Smoothing before the rotations is the paper's formulation (App. B); the authors' code
     # skips it, but rotations alone leave W4A8 activation outliers where plain RTN left them.
+    smooth = config.duquant_smoothing and absmax is not None
     return duquant(
         weight,
-        absmax if config.duquant_smoothing else None,
-        smooth_alpha=config.smoothquant_alpha if config.duquant_smoothing else None,
+        absmax.to(weight.device) if smooth else None,
+        smooth_alpha=config.smoothquant_alpha if smooth else None,
         block_size=config.duquant_block,
         rotation=config.duquant_rotation,
         seed=config.seed,

@@ -44,17 +44,18 @@ ROTATIONS = ("hadamard", "svd")
 
 
 def rotation_block(k: int, block_size: int = 64) -> int:
-    """The rotation block for K input channels: block_size, or K itself when K is a power of two below it."""
+    """The rotation block for K input channels: the largest power of two up to block_size dividing K.
+
+    Most widths are multiples of 64; SmolVLA's 720-wide action expert gets blocks of 16.
+    """
     if block_size <= 0 or block_size & (block_size - 1):
         raise ValueError(f"Rotation block_size must be a power of two (Hadamard blocks), got {block_size}.")
-    if k % block_size == 0:
-        return block_size
-    if 0 < k < block_size and not k & (k - 1):
-        return k
-    raise ValueError(
-        f"Rotations need in_features K={k} to be a multiple of block_size={block_size} "
-        "(or a power of two below it); pick a block_size that divides K or use SmoothQuant only."
-    )
+    b = block_size
+    while b > 1 and k % b:
+        b //= 2
+    if b == 1 < block_size:
+        raise ValueError(f"Rotations need an even number of input features, got K={k}; use SmoothQuant only.")
+    return b
 
 
 def _rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -269,9 +269,18 @@ def test_transform_round_trips_through_plain_tensors(rotation, kind):
     assert {n: (v.shape, v.dtype) for n, v in empty.items()} == {n: (v.shape, v.dtype) for n, v in tensors.items()}
 
 
+@pytest.mark.parametrize(("k", "block"), [(128, 64), (32, 32), (96, 32), (720, 16), (6144, 64), (2, 2)])
+def test_rotation_blocks_are_the_largest_power_of_two_dividing_k(k, block):
+    assert rotation_block(k, 64) == block
+    t = duquant(torch.randn(8, k), rotation="hadamard")
+    assert t.block_size == block
+    x = torch.randn(3, k)
+    torch.testing.assert_close(t.apply(x).norm(dim=1), x.norm(dim=1))
+
+
 def test_transform_errors_are_clear():
-    with pytest.raises(ValueError, match="multiple of block_size=64"):
-        duquant(torch.randn(8, 96))
+    with pytest.raises(ValueError, match="even number of input features, got K=95"):
+        duquant(torch.randn(8, 95))
     with pytest.raises(ValueError, match="power of two"):
         rotation_block(128, 48)
     with pytest.raises(ValueError, match="needs the calibrated act_absmax"):
