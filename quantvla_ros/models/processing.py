@@ -17,7 +17,7 @@ from PIL import Image
 
 from quantvla_ros.atomic import write_bytes_atomic
 
-NormMode = Literal["mean_std", "quantiles"]
+NormMode = Literal["mean_std", "quantiles", "min_max"]
 
 _STAT_NAMES = ("mean", "std", "q01", "q99")
 # openpi names the vectors "state"/"actions"; LeRobot uses its feature keys.
@@ -83,6 +83,9 @@ class NormStats:
     std: np.ndarray | None = None
     q01: np.ndarray | None = None
     q99: np.ndarray | None = None
+    # GR00T's min_max mode; openpi and LeRobot π0 checkpoints leave these out.
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -99,6 +102,8 @@ class Normalizer:
 
     mean_std:  (x - mean) / (std + eps)
     quantiles: (x - q01) / (q99 - q01 + eps) * 2 - 1
+    min_max:   2 * (x - min) / (max - min) - 1, without eps: GR00T (Isaac-GR00T's
+               transform/state_action.py) maps dims with max == min to 0 and back to min
 
     openpi uses eps=1e-6. LeRobot uses eps=1e-8 but adds it only to std, substitutes it for
     q99 - q01 only where that is zero, and un-normalizes mean_std without it; with eps=1e-8 these
@@ -116,8 +121,10 @@ class Normalizer:
             pair, names = (stats.mean, stats.std), "mean and std"
         elif mode == "quantiles":
             pair, names = (stats.q01, stats.q99), "q01 and q99"
+        elif mode == "min_max":
+            pair, names = (stats.min, stats.max), "min and max"
         else:
-            raise ValueError(f"Unknown normalization mode {mode!r}; use 'mean_std' or 'quantiles'.")
+            raise ValueError(f"Unknown normalization mode {mode!r}; use 'mean_std', 'quantiles' or 'min_max'.")
         if pair[0] is None or pair[1] is None:
             raise ValueError(
                 f"Normalization mode {mode!r} needs {names} statistics, which are missing; "
@@ -132,11 +139,17 @@ class Normalizer:
         self.mode = mode
         self.eps = eps
         self._low = low
-        # The denominator of both formulas: std + eps, or q99 - q01 + eps.
-        self._span = (high if mode == "mean_std" else high - low) + eps
+        # The denominator of each formula: std + eps, q99 - q01 + eps, or max - min.
+        if mode == "min_max":
+            self._span = high - low
+        else:
+            self._span = (high if mode == "mean_std" else high - low) + eps
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         def forward(v: np.ndarray, low: np.ndarray, span: np.ndarray) -> np.ndarray:
+            if self.mode == "min_max":
+                flat = span == 0
+                return np.where(flat, 0.0, (v - low) / np.where(flat, 1.0, span) * 2.0 - 1.0)
             z = (v - low) / span
             return z * 2.0 - 1.0 if self.mode == "quantiles" else z
 
@@ -144,7 +157,7 @@ class Normalizer:
 
     def unnormalize(self, x: np.ndarray) -> np.ndarray:
         def inverse(v: np.ndarray, low: np.ndarray, span: np.ndarray) -> np.ndarray:
-            z = (v + 1.0) / 2.0 if self.mode == "quantiles" else v
+            z = (v + 1.0) / 2.0 if self.mode in ("quantiles", "min_max") else v
             return z * span + low
 
         return self._apply(x, inverse)

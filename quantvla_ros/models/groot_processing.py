@@ -1,0 +1,250 @@
+"""GR00T N1.5 inputs: Isaac-GR00T's eval video transforms and the Eagle 2.5 chat prompt.
+
+Images (Isaac-GR00T `data/transform/video.py`, the N1.5 data configs, the Eagle processor):
+VideoCrop(scale 0.95) as a centre crop, VideoResize to 224 (bilinear, antialiased), then
+mean = std = 0.5, i.e. [0, 255] -> [-1, 1]. Every camera is an input; GR00T has no image mask.
+
+Prompt (Isaac-GR00T `model/transforms.py` GR00TTransform, LeRobot v0.5.1 `processor_groot.py`):
+one user turn holding every image and then the text `str([instruction])`, rendered with the
+checkpoint's chat template (add_generation_prompt); the Eagle processor then replaces each
+`<image-k>` with `<image k><img>` + `<IMG_CONTEXT>` × 256 + `</img>`. The Qwen tokenizer pads
+on the left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from PIL import Image
+
+from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo
+from quantvla_ros.models.groot_config import GR00TConfig
+from quantvla_ros.models.processing import image_to_model
+
+VOCAB_FILE, MERGES_FILE, TOKENIZER_JSON = "vocab.json", "merges.txt", "tokenizer.json"
+ADDED_TOKENS_FILE, TOKENIZER_CONFIG_FILE = "added_tokens.json", "tokenizer_config.json"
+SPECIAL_TOKENS_FILE, CHAT_TEMPLATE_FILE = "special_tokens_map.json", "chat_template.json"
+TOKENIZER_FILES = (
+    VOCAB_FILE,
+    MERGES_FILE,
+    TOKENIZER_JSON,
+    ADDED_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    SPECIAL_TOKENS_FILE,
+    CHAT_TEMPLATE_FILE,
+)
+IMAGE_START, IMAGE_END, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+# HF's Qwen2 fast tokenizer (transformers convert_slow_tokenizer.Qwen2Converter): this split, then
+# byte-level BPE without a prefix space, NFC-normalized.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CROP_SCALE = 0.95
+_MEDIA_PLACEHOLDER = re.compile(r"<image-(\d+)>")
+
+
+def qwen_byte_level(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """Give a BPE model Qwen2's normalizer, pre-tokenizer and decoder."""
+    tok.normalizer = tokenizers.normalizers.NFC()
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        [
+            tokenizers.pre_tokenizers.Split(tokenizers.Regex(QWEN_SPLIT), behavior="isolated"),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return tok
+
+
+def _token_content(value: str | dict | None) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); copy the file again.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; copy the file again.")
+    return data
+
+
+@dataclass(frozen=True)
+class EagleTokenizer:
+    """The Qwen3 tokenizer and chat template of an Eagle 2.5 checkpoint folder."""
+
+    tokenizer: tokenizers.Tokenizer
+    chat_template: str
+    special_tokens: dict[str, str]  # bos_token, eos_token, pad_token, ... as the template sees them
+    pad_id: int
+    sha256: str
+
+    @classmethod
+    def from_dir(cls, path: Path) -> EagleTokenizer:
+        path = Path(path)
+        config = _read_json(path / TOKENIZER_CONFIG_FILE) if (path / TOKENIZER_CONFIG_FILE).is_file() else {}
+        tok = cls._load_model(path, config)
+        special = {
+            name: _token_content(value)
+            for source in (
+                _read_json(path / SPECIAL_TOKENS_FILE) if (path / SPECIAL_TOKENS_FILE).is_file() else {},
+                config,
+            )
+            for name, value in source.items()
+            if name.endswith("_token") and isinstance(_token_content(value), str)
+        }
+        pad = special.get("pad_token")
+        pad_id = None if pad is None else tok.token_to_id(pad)
+        if pad_id is None:
+            raise CheckpointError(
+                f"{path / TOKENIZER_CONFIG_FILE} names no pad_token the tokenizer knows; "
+                "copy the Eagle tokenizer files."
+            )
+        for token in (IMAGE_START, IMAGE_END, IMAGE_CONTEXT):
+            if tok.token_to_id(token) is None:
+                raise CheckpointError(f"The tokenizer in {path} has no {token} token; copy the Eagle tokenizer files.")
+        if (path / CHAT_TEMPLATE_FILE).is_file():
+            template = _read_json(path / CHAT_TEMPLATE_FILE).get("chat_template")
+        else:
+            template = config.get("chat_template")
+        if not isinstance(template, str):
+            raise CheckpointError(
+                f"{path} has no chat template ({CHAT_TEMPLATE_FILE} or chat_template in {TOKENIZER_CONFIG_FILE}); "
+                "copy the Eagle processor files."
+            )
+        digest = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                digest.update(name.encode() + b"\0" + (path / name).read_bytes())
+        return cls(tok, template, special, pad_id, digest.hexdigest())
+
+    @staticmethod
+    def _load_model(path: Path, config: dict) -> tokenizers.Tokenizer:
+        if (path / TOKENIZER_JSON).is_file():
+            try:
+                return tokenizers.Tokenizer.from_file(str(path / TOKENIZER_JSON))
+            except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+                raise CheckpointError(
+                    f"{path / TOKENIZER_JSON} is not a valid tokenizer ({e}); copy it again."
+                ) from None
+        missing = [name for name in (VOCAB_FILE, MERGES_FILE) if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path} lacks the tokenizer file(s) {', '.join(missing)}; copy the Eagle 2.5 tokenizer "
+                f"({VOCAB_FILE}, {MERGES_FILE}, {ADDED_TOKENS_FILE}, {TOKENIZER_CONFIG_FILE}) into the checkpoint."
+            )
+        try:
+            bpe = tokenizers.models.BPE.from_file(str(path / VOCAB_FILE), str(path / MERGES_FILE))
+        except Exception as e:  # as above
+            raise CheckpointError(f"{path / VOCAB_FILE} / {MERGES_FILE} are not a valid BPE model ({e}).") from None
+        tok = qwen_byte_level(tokenizers.Tokenizer(bpe))
+        added = {
+            int(i): (entry["content"], bool(entry.get("special", True)))
+            for i, entry in config.get("added_tokens_decoder", {}).items()
+        }
+        if (path / ADDED_TOKENS_FILE).is_file():
+            for content, i in _read_json(path / ADDED_TOKENS_FILE).items():
+                added.setdefault(int(i), (content, True))
+        for i, (content, special) in sorted(added.items()):
+            if tok.token_to_id(content) is None:
+                tok.add_tokens([tokenizers.AddedToken(content, special=special, normalized=not special)])
+            if tok.token_to_id(content) != i:
+                raise CheckpointError(
+                    f"Added token {content!r} should have id {i} but gets {tok.token_to_id(content)}; "
+                    f"{path / ADDED_TOKENS_FILE} does not belong to {path / VOCAB_FILE}."
+                )
+        return tok
+
+    def render(self, messages: list[dict]) -> str:
+        """The chat template as HF's apply_chat_template renders it, with the generation prompt."""
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, **self.special_tokens
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def eagle_prompt(tokenizer: EagleTokenizer, instruction: str, cameras: int, tokens_per_image: int) -> str:
+    content = [{"type": "image"} for _ in range(cameras)] + [{"type": "text", "text": str([instruction])}]
+    text = tokenizer.render([{"role": "user", "content": content}])
+    image = IMAGE_START + IMAGE_CONTEXT * tokens_per_image + IMAGE_END
+    return _MEDIA_PLACEHOLDER.sub(lambda m: f"<image {m.group(1)}>{image}", text)
+
+
+def crop_and_resize(image: np.ndarray, size: int, scale: float = CROP_SCALE) -> np.ndarray:
+    """torchvision's CenterCrop to (⌊H·scale⌋, ⌊W·scale⌋), then an antialiased bilinear resize to size×size."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"GR00T needs uint8 H×W×3 RGB images, got shape {image.shape} and dtype {image.dtype}; "
+            "convert the image to 8-bit RGB first."
+        )
+    h, w = image.shape[:2]
+    ch, cw = int(h * scale), int(w * scale)
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    crop = np.ascontiguousarray(image[top : top + ch, left : left + cw])
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
+
+
+class GR00TProcessor:
+    def __init__(self, cfg: GR00TConfig, tokenizer: EagleTokenizer) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_checkpoint(cls, info: CheckpointInfo) -> GR00TProcessor:
+        return cls(info.config, EagleTokenizer.from_dir(info.path))
+
+    def images(self, images: dict[str, np.ndarray]) -> tuple[np.ndarray, list[bool]]:
+        missing = [name for name in self.cfg.camera_names if name not in images]
+        if missing:
+            raise ValueError(
+                f"GR00T needs every camera it was trained with; the observation lacks {missing} "
+                f"(it takes {list(self.cfg.camera_names)})."
+            )
+        size = self.cfg.image_size
+        out = [image_to_model(crop_and_resize(images[name], size)).transpose(2, 0, 1) for name in self.cfg.camera_names]
+        return np.stack(out), [True] * len(out)
+
+    def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded int64 tokens [max_token_len] and their mask; the state is not part of GR00T's prompt."""
+        cfg = self.cfg
+        ids = self.tokenizer.encode(
+            eagle_prompt(self.tokenizer, instruction, len(cfg.camera_names), cfg.tokens_per_image)
+        )
+        if len(ids) > cfg.max_token_len:
+            raise ValueError(
+                f"The prompt for instruction {instruction!r} takes {len(ids)} tokens but this policy's "
+                f"max_token_len is {cfg.max_token_len}; shorten the instruction or raise max_token_len in config.json."
+            )
+        tokens = np.full(cfg.max_token_len, self.tokenizer.pad_id, dtype=np.int64)
+        tokens[cfg.max_token_len - len(ids) :] = ids
+        return tokens, np.arange(cfg.max_token_len) >= cfg.max_token_len - len(ids)
+
+    def signature(self) -> dict:
+        return {
+            "image_size": self.cfg.image_size,
+            "image_transform": f"center crop {CROP_SCALE}, bilinear resize, [-1, 1]",
+            "cameras": list(self.cfg.camera_names),
+            "tokens_per_image": self.cfg.tokens_per_image,
+            "max_token_len": self.cfg.max_token_len,
+            "prompt": "eagle2.5 chat template, str([instruction]), left padded",
+            "tokenizer_sha256": self.tokenizer.sha256,
+        }

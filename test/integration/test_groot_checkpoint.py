@@ -1,0 +1,253 @@
+"""GR00T N1.5 checkpoint folders (NVIDIA and LeRobot layouts): round trips, clear errors, inputs, Policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from groot_fixtures import (
+    ACTION_KEYS,
+    STATE_DIM,
+    STATE_KEYS,
+    TAG,
+    norm_stats,
+    observation,
+    tiny_config,
+    tiny_model,
+    write_checkpoint,
+    write_tokenizer,
+)
+from safetensors.torch import load_file, save_file
+
+from quantvla_ros.models.checkpoint import CheckpointError
+from quantvla_ros.models.groot_checkpoint import EMBED_TOKENS, LM_HEAD, METADATA_FILE, save_groot
+from quantvla_ros.models.groot_processing import IMAGE_CONTEXT, EagleTokenizer, GR00TProcessor, crop_and_resize
+from quantvla_ros.models.policy import load_float_policy
+from quantvla_ros.models.processing import Normalizer, NormStats
+from quantvla_ros.models.registry import family_for, load_model, read_checkpoint
+
+pytestmark = pytest.mark.integration
+
+LAYOUTS = {"nvidia": {}, "nvidia_sharded": {"max_shard_bytes": 100_000}, "lerobot": {}}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("groot")
+    return {
+        name: write_checkpoint(root / name, name.removesuffix("_sharded"), **kwargs) for name, kwargs in LAYOUTS.items()
+    }
+
+
+def copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / src.name))
+
+
+def model_inputs(path: Path) -> dict:
+    """One observation through the checkpoint's own processor and statistics."""
+    policy = load_float_policy(path)
+    x = policy.prepare(observation(policy.model.cfg))
+    noise = torch.randn(1, policy.horizon, policy.model.cfg.action_dim, generator=torch.Generator().manual_seed(1))
+    return dict(vars(x), noise=noise)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_loads_the_saved_weights_and_gives_the_same_actions(checkpoints, name):
+    model, info, family = load_model(checkpoints[name])
+    assert family.name == "groot_n1_5"
+    assert info.layout == name.removesuffix("_sharded")
+    reference = tiny_model(model.cfg)
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+    x = model_inputs(checkpoints["nvidia"])
+    torch.testing.assert_close(model.sample_actions(**x), reference.sample_actions(**x), rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_checkpoint_has_an_index_and_several_shards(checkpoints):
+    index = json.loads((checkpoints["nvidia_sharded"] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "action_head.model.transformer_blocks.0.attn1.to_q.weight" in index["weight_map"]
+
+
+def test_lerobot_layout_prefixes_keys_and_nvidia_does_not(checkpoints):
+    nvidia = load_file(str(checkpoints["nvidia"] / "model.safetensors"))
+    lerobot = load_file(str(checkpoints["lerobot"] / "model.safetensors"))
+    assert "backbone.eagle_model.vision_model.vision_model.embeddings.patch_embedding.weight" in nvidia
+    assert "backbone.eagle_model.mlp1.0.weight" in nvidia
+    assert {"_groot_model." + k for k in nvidia} == set(lerobot)
+
+
+@pytest.mark.parametrize("name", ["nvidia", "lerobot"])
+def test_statistics_are_concatenated_in_modality_order(checkpoints, name):
+    info = read_checkpoint(checkpoints[name])
+    stats = norm_stats()
+    assert info.asset_id == TAG and info.config.embodiment_id == 2
+    assert info.state_norm == info.action_norm == "min_max"
+    assert info.state_dim == STATE_DIM and info.action_dim == sum(ACTION_KEYS.values())
+    assert info.config.camera_names == ("front", "wrist")
+    for name_, keys, prefix in (("state", STATE_KEYS, "state"), ("actions", ACTION_KEYS, "action")):
+        for stat in ("min", "max", "mean", "q99"):
+            expected = np.concatenate([getattr(stats[f"{prefix}.{k}"], stat) for k in keys])
+            np.testing.assert_array_equal(getattr(info.norm_stats[name_], stat), expected)
+
+
+def rewrite_weights(path: Path, change) -> None:
+    tensors = load_file(str(path / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda t: t.pop("action_head.future_tokens.weight"), ["missing", "action_head.future_tokens.weight"]),
+        (lambda t: t.update({"action_head.extra.weight": torch.zeros(2)}), ["unexpected", "action_head.extra.weight"]),
+        (
+            lambda t: t.update({"action_head.position_embedding.weight": torch.zeros(3, 3)}),
+            ["action_head.position_embedding.weight", "(3, 3)"],
+        ),
+    ],
+    ids=["missing", "unexpected", "misshapen"],
+)
+def test_key_mismatches_name_the_key(checkpoints, tmp_path, change, words):
+    path = copy(checkpoints["nvidia"], tmp_path)
+    rewrite_weights(path, change)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert all(w in str(err.value) for w in words)
+    assert "\n" not in str(err.value)
+
+
+def test_tied_lm_head_stands_in_for_the_embedding_and_unused_keys_are_ignored(checkpoints, tmp_path):
+    path = copy(checkpoints["nvidia"], tmp_path)
+
+    def change(tensors):
+        tensors[LM_HEAD] = tensors.pop(EMBED_TOKENS)
+        tensors["backbone.eagle_model.language_model.model.layers.12.mlp.up_proj.weight"] = torch.zeros(2, 2)
+        tensors["backbone.eagle_model.vision_model.vision_model.head.probe"] = torch.zeros(1, 1, 32)
+
+    rewrite_weights(path, change)
+    model, _, _ = load_model(path)
+    reference, _, _ = load_model(checkpoints["nvidia"])
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_missing_metadata_is_one_clear_sentence(checkpoints, tmp_path):
+    path = copy(checkpoints["nvidia"], tmp_path)
+    (path / METADATA_FILE).unlink()
+    with pytest.raises(CheckpointError, match="metadata.json is missing") as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_and_ambiguous_embodiment_tags_are_clear_errors(checkpoints, tmp_path):
+    path = copy(checkpoints["nvidia"], tmp_path)
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    (path / METADATA_FILE).write_text(json.dumps({"mars_rover": metadata[TAG]}))
+    with pytest.raises(CheckpointError, match="'mars_rover'.*no projector index"):
+        read_checkpoint(path)
+    (path / METADATA_FILE).write_text(json.dumps({TAG: metadata[TAG], "gr1": metadata[TAG]}))
+    with pytest.raises(CheckpointError, match="several embodiments"):
+        read_checkpoint(path)
+    assert read_checkpoint(path, asset_id=TAG).config.embodiment_id == 2
+    with pytest.raises(CheckpointError, match="no embodiment 'oxe_droid'"):
+        read_checkpoint(path, asset_id="oxe_droid")
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "chat_template.json"])
+def test_missing_tokenizer_files_are_clear_errors(checkpoints, tmp_path, name):
+    path = copy(checkpoints["lerobot"], tmp_path)
+    (path / name).unlink()
+    with pytest.raises(CheckpointError, match=name) as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_saving_needs_per_key_statistics(tmp_path):
+    model = tiny_model(tiny_config(write_tokenizer(tmp_path / "tok")))
+    with pytest.raises(ValueError, match="state.<key>"):
+        save_groot(model, tmp_path / "ck", norm_stats={"state": NormStats(min=[0.0], max=[1.0])})
+
+
+def test_min_max_normalization_round_trip_and_flat_dims():
+    stats = NormStats(min=[-2.0, 0.0, 5.0], max=[2.0, 10.0, 5.0])
+    norm = Normalizer(stats, "min_max")
+    np.testing.assert_allclose(norm.normalize(np.array([-2.0, 10.0, 5.0])), [-1.0, 1.0, 0.0])
+    np.testing.assert_allclose(norm.normalize(np.array([0.0, 2.5, 7.0])), [0.0, -0.5, 0.0])
+    x = np.array([[1.5, 3.0, 5.0, 0.3]], dtype=np.float32)  # the 4th dim has no statistics: unchanged
+    np.testing.assert_allclose(norm.unnormalize(norm.normalize(x)), x, rtol=1e-6)
+    # A flat dim normalizes to 0 and comes back as its min, as Isaac-GR00T's transform does.
+    np.testing.assert_allclose(norm.unnormalize(np.array([0.0, 0.0, 0.7])), [0.0, 5.0, 5.0])
+    with pytest.raises(ValueError, match="min and max"):
+        Normalizer(NormStats(mean=[0.0], std=[1.0]), "min_max")
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoints) -> GR00TProcessor:
+    return GR00TProcessor.from_checkpoint(read_checkpoint(checkpoints["nvidia"]))
+
+
+def test_images_are_center_cropped_resized_and_scaled(processor):
+    cfg = processor.cfg
+    # A 1-pixel bright frame around a dark 40x40 image lies outside the 95% centre crop (38x38 at 1, 1).
+    framed = np.zeros((40, 40, 3), dtype=np.uint8)
+    framed[[0, -1]] = framed[:, [0, -1]] = 255
+    assert crop_and_resize(framed, cfg.image_size).max() == 0
+    flat = np.full((30, 50, 3), 51, dtype=np.uint8)
+    images, masks = processor.images({"front": framed, "wrist": flat})
+    assert images.shape == (2, 3, cfg.image_size, cfg.image_size) and images.dtype == np.float32
+    assert masks == [True, True]
+    np.testing.assert_allclose(images[0], -1.0)
+    np.testing.assert_allclose(images[1], 51 / 255 * 2 - 1, rtol=1e-6)
+
+
+def test_every_camera_is_required(processor):
+    with pytest.raises(ValueError, match=r"lacks \['wrist'\]"):
+        processor.images({"front": np.zeros((28, 28, 3), dtype=np.uint8)})
+
+
+def test_prompt_has_the_image_tokens_and_left_padding(processor, checkpoints):
+    cfg = processor.cfg
+    tokens, mask = processor.prompt("pick up the red cup", np.zeros(STATE_DIM, dtype=np.float32))
+    tok = EagleTokenizer.from_dir(checkpoints["nvidia"])
+    assert tokens.shape == mask.shape == (cfg.max_token_len,) and tokens.dtype == np.int64
+    assert (tokens == tok.tokenizer.token_to_id(IMAGE_CONTEXT)).sum() == len(cfg.camera_names) * cfg.tokens_per_image
+    start = int(np.argmax(mask))
+    assert start > 0 and mask[start:].all() and not mask[:start].any()
+    assert (tokens[:start] == tok.pad_id).all()
+    text = tok.tokenizer.decode(tokens[mask].tolist(), skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\n<image 1><img><IMG_CONTEXT>" in text
+    assert text.endswith("</img>['pick up the red cup']<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="max_token_len"):
+        processor.prompt("pick up the red cup " * 20, np.zeros(STATE_DIM, dtype=np.float32))
+
+
+def test_signature_records_the_tokenizer(processor):
+    sig = processor.signature()
+    assert len(sig["tokenizer_sha256"]) == 64
+    assert sig["tokens_per_image"] == processor.cfg.tokens_per_image
+    assert sig["cameras"] == ["front", "wrist"]
+
+
+@pytest.mark.parametrize("name", ["nvidia", "lerobot"])
+def test_policy_predicts_robot_unit_action_chunks(checkpoints, name):
+    family, _ = family_for(checkpoints[name])
+    assert family.name == "groot_n1_5"
+    policy = load_float_policy(checkpoints[name])
+    obs = observation(policy.model.cfg)
+    noise = np.random.default_rng(0).standard_normal((policy.horizon, policy.model.cfg.action_dim)).astype(np.float32)
+    chunk = policy.predict(obs, noise=noise)
+    assert chunk.actions.shape == (policy.model.cfg.action_horizon, sum(ACTION_KEYS.values()))
+    assert np.isfinite(chunk.actions).all()
+    np.testing.assert_array_equal(policy.predict(obs, noise=noise).actions, chunk.actions)
+    normalized = policy.sample(policy.prepare(obs), noise)[0, :, : policy.action_dim].numpy()
+    expected = Normalizer(policy.info.norm_stats["actions"], "min_max").unnormalize(normalized)
+    np.testing.assert_allclose(chunk.actions, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="wrist"):
+        policy.predict(observation(policy.model.cfg, images={"front": obs.images["front"]}))
