@@ -24,15 +24,21 @@ from quantvla_ros.models.checkpoint import (
 )
 from quantvla_ros.models.config import pi0_full, pi05_full
 from quantvla_ros.models.family import ModelFamily
+from quantvla_ros.models.groot_checkpoint import GROOT_FAMILY
+from quantvla_ros.models.groot_config import groot_n15_full
 from quantvla_ros.models.pi0_checkpoint import PI0_FAMILY
+from quantvla_ros.models.smolvla_checkpoint import SMOLVLA_FAMILY
+from quantvla_ros.models.smolvla_config import smolvla_full
 
-FAMILIES: tuple[ModelFamily, ...] = (PI0_FAMILY,)
+FAMILIES: tuple[ModelFamily, ...] = (PI0_FAMILY, GROOT_FAMILY, SMOLVLA_FAMILY)
 
 # The published models at full size, by name: `quantvla info pi05_full` and the benchmarks
 # build them on the meta device or with random weights.
 REFERENCE_CONFIGS: dict[str, tuple[ModelFamily, Callable[[], object]]] = {
     "pi0_full": (PI0_FAMILY, pi0_full),
     "pi05_full": (PI0_FAMILY, pi05_full),
+    "groot_n1_5_full": (GROOT_FAMILY, groot_n15_full),
+    "smolvla_full": (SMOLVLA_FAMILY, smolvla_full),
 }
 
 

@@ -1,0 +1,250 @@
+"""SmolVLA network: shapes, masks, the prefix cache, pixel shuffle, RoPE, full-size counts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from smolvla_fixtures import model_inputs, tiny_model
+from torch import nn
+
+from quantvla_ros.models.smolvla import SmolVLAModel, pixel_shuffle
+from quantvla_ros.models.smolvla_config import expert_mlp_dim, smolvla_full, smolvla_tiny
+
+pytestmark = pytest.mark.unit
+
+
+def embed_prefix(model: SmolVLAModel, batch: dict[str, torch.Tensor]):
+    return model.embed_prefix(*(batch[k] for k in ("images", "image_masks", "tokens", "token_masks", "state")))
+
+
+@pytest.fixture
+def model() -> SmolVLAModel:
+    return tiny_model(vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def full() -> SmolVLAModel:
+    with torch.device("meta"):
+        return SmolVLAModel(smolvla_full())
+
+
+def test_actions_have_chunk_shape_and_are_finite(model):
+    actions = model.sample_actions(**model_inputs(model.cfg))
+    assert actions.shape == (2, 50, 8)
+    assert actions.dtype == torch.float32
+    assert torch.isfinite(actions).all()
+
+
+def test_same_noise_same_actions_and_other_noise_other_actions(model):
+    batch = model_inputs(model.cfg)
+    first = model.sample_actions(**batch)
+    torch.testing.assert_close(model.sample_actions(**batch), first, rtol=0, atol=0)
+    batch["noise"] = batch["noise"] + 0.5
+    assert (model.sample_actions(**batch) - first).abs().max() > 1e-3
+
+
+def test_cached_prefix_matches_full_recomputation(model):
+    batch = model_inputs(model.cfg)
+    cached = model.sample_actions(**batch, use_cache=True)
+    full = model.sample_actions(**batch, use_cache=False)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_and_expert_context_are_not_grown_by_denoising_steps(model):
+    batch = model_inputs(model.cfg)
+    prefix = model.embed_prefix(
+        batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], batch["state"]
+    )
+    context = model.expert_context(model.compute_prefix_kv(*prefix))
+    before = [(k.clone(), v.clone()) for k, v in context]
+    for t in (1.0, 0.6, 0.3):
+        model.velocity_cached(prefix[1], context, batch["noise"], torch.full((2,), t))
+    prefix_len = prefix[0].shape[1]
+    assert len(context) == model.cfg.num_vlm_layers
+    for (k0, v0), (k1, v1) in zip(before, context, strict=True):
+        assert k1.shape[2] == prefix_len
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def test_action_tokens_attend_causally(model):
+    batch = model_inputs(model.cfg)
+    prefix = model.embed_prefix(
+        batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], batch["state"]
+    )
+    context = model.expert_context(model.compute_prefix_kv(*prefix))
+    t = torch.full((2,), 0.5)
+    reference = model.velocity_cached(prefix[1], context, batch["noise"], t)
+    last_moved = batch["noise"].clone()
+    last_moved[:, -1] += 1.0
+    moved = model.velocity_cached(prefix[1], context, last_moved, t)
+    torch.testing.assert_close(moved[:, :-1], reference[:, :-1], rtol=0, atol=1e-6)
+    assert (moved[:, -1] - reference[:, -1]).abs().max() > 1e-4
+    first_moved = batch["noise"].clone()
+    first_moved[:, 0] += 1.0
+    moved = model.velocity_cached(prefix[1], context, first_moved, t)
+    assert (moved[:, -1] - reference[:, -1]).abs().max() > 1e-4
+
+
+def test_prefix_never_sees_the_state_token_but_actions_do(model):
+    batch = model_inputs(model.cfg)
+    args = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
+    prefix = model.embed_prefix(*args, batch["state"])
+    kv = model.compute_prefix_kv(*prefix)
+    kv_moved = model.compute_prefix_kv(*model.embed_prefix(*args, batch["state"] + 1.0))
+    # Every valid token before the state keeps its K/V (padding rows see nothing and are never read).
+    before_state = prefix[1].clone()
+    before_state[:, -1] = False
+    for (k, v), (k2, v2) in zip(kv, kv_moved, strict=True):
+        torch.testing.assert_close(k2.transpose(1, 2)[before_state], k.transpose(1, 2)[before_state], rtol=0, atol=1e-6)
+        torch.testing.assert_close(v2.transpose(1, 2)[before_state], v.transpose(1, 2)[before_state], rtol=0, atol=1e-6)
+    assert (kv_moved[-1][1][:, :, -1] - kv[-1][1][:, :, -1]).abs().max() > 1e-4
+    reference = model.sample_actions(**batch)
+    batch["state"] = batch["state"] + 1.0
+    assert (model.sample_actions(**batch) - reference).abs().max() > 1e-4
+
+
+def test_masked_camera_and_padded_tokens_do_not_influence_actions(model):
+    batch = model_inputs(model.cfg)
+    reference = model.sample_actions(**batch)
+    changed = dict(batch)
+    changed["images"] = batch["images"].clone()
+    changed["images"][1, -1] = -changed["images"][1, -1]  # the camera masked out for sample 1
+    changed["tokens"] = batch["tokens"].clone()
+    changed["tokens"][:, 7:] = (changed["tokens"][:, 7:] + 1) % model.cfg.vlm.vocab_size  # padding slots
+    torch.testing.assert_close(model.sample_actions(**changed), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_visible_images_and_tokens_do_influence_actions(model):
+    batch = model_inputs(model.cfg)
+    reference = model.sample_actions(**batch)
+    for key in ("images", "tokens"):
+        changed = dict(batch)
+        changed[key] = batch[key].clone()
+        if key == "images":
+            changed[key][:, 0] = -changed[key][:, 0]
+        else:
+            changed[key][:, 1] = (changed[key][:, 1] + 1) % model.cfg.vlm.vocab_size
+        assert (model.sample_actions(**changed) - reference).abs().max() > 1e-4, key
+
+
+def test_pixel_shuffle_folds_each_block_of_patches_row_by_row():
+    # A 4×4 grid of patches whose features are (row, col); scale 2 gives a 2×2 grid of tokens.
+    grid = torch.tensor([[[r, c] for c in range(4)] for r in range(4)], dtype=torch.float32)
+    tokens = pixel_shuffle(grid.reshape(1, 16, 2), scale=2)
+    assert tokens.shape == (1, 4, 8)
+    expected_first = torch.tensor([0, 0, 0, 1, 1, 0, 1, 1], dtype=torch.float32)  # (0,0) (0,1) (1,0) (1,1)
+    expected_second = torch.tensor([0, 2, 0, 3, 1, 2, 1, 3], dtype=torch.float32)  # the block right of it
+    expected_third = torch.tensor([2, 0, 2, 1, 3, 0, 3, 1], dtype=torch.float32)  # the block below the first
+    torch.testing.assert_close(tokens[0, 0], expected_first)
+    torch.testing.assert_close(tokens[0, 1], expected_second)
+    torch.testing.assert_close(tokens[0, 2], expected_third)
+
+
+def test_pixel_shuffle_matches_smolvlm_connector_reshapes():
+    # transformers' SmolVLMConnector.pixel_shuffle, written out as its sequence of views and permutes.
+    x = torch.randn(2, 64, 3)
+    b, seq, d, s = 2, 64, 3, 4
+    side = 8
+    ref = x.view(b, side, side, d).view(b, side, side // s, d * s).permute(0, 2, 1, 3)
+    ref = ref.reshape(b, side // s, side // s, d * s * s).permute(0, 2, 1, 3).reshape(b, seq // s**2, d * s * s)
+    torch.testing.assert_close(pixel_shuffle(x, s), ref, rtol=0, atol=0)
+
+
+def test_rope_matches_lerobot_formula(model):
+    # LeRobot's apply_rope: timescale 1e4^(2i/d), halves rotated as [x1 cos - x2 sin, x2 cos + x1 sin].
+    from quantvla_ros.models.gemma import apply_rope
+
+    x = torch.randn(1, 2, 5, 8)
+    positions = torch.tensor([[0, 1, 2, 7, 30]])
+    radians = positions[..., None].float() / 10_000 ** (2 * torch.arange(4).float() / 8)
+    sin, cos = radians.sin()[:, None], radians.cos()[:, None]
+    x1, x2 = x[..., :4], x[..., 4:]
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    torch.testing.assert_close(apply_rope(x, *model.rope(positions)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_observer_sees_every_expert_layer_every_step(model):
+    batch = model_inputs(model.cfg)
+    calls = []
+    model.attention_observer = lambda site, q, k, allowed: calls.append((site, q.shape, k.shape, allowed.shape))
+    model.sample_actions(**batch)
+    cfg = model.cfg
+    depth, steps = cfg.num_vlm_layers, cfg.num_steps
+    assert [c[0] for c in calls] == list(range(depth)) * steps
+    prefix = len(cfg.camera_names) * cfg.vlm.tokens_per_image + cfg.max_token_len + 1
+    horizon, e = cfg.action_horizon, cfg.expert
+    for site, q_shape, k_shape, allowed_shape in calls:
+        keys = prefix if cfg.is_cross_layer(site) else prefix + horizon
+        assert q_shape == (2, e.num_heads, horizon, e.head_dim)
+        assert k_shape == (2, e.num_kv_heads, keys, e.head_dim)
+        assert allowed_shape == (2, horizon, keys)
+
+
+def test_bfloat16_model_tracks_float32(model):
+    batch = model_inputs(model.cfg)
+    reference = model.sample_actions(**batch)
+    model.set_dtype(torch.bfloat16)
+    assert model.llm.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.expert.layers[1].self_attn.k_proj.weight.dtype == torch.bfloat16
+    assert model.expert.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert model.vlm.vision_model.embeddings.patch_embedding.weight.dtype == torch.float32
+    assert model.state_proj.weight.dtype == model.action_out_proj.weight.dtype == torch.float32
+    low = model.sample_actions(**batch)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - reference).abs().max() < 0.15 * reference.abs().max()
+
+
+def test_full_size_expert_derivation(full):
+    cfg = full.cfg
+    assert (cfg.expert.width, cfg.expert.mlp_dim, cfg.expert.num_heads, cfg.expert.num_kv_heads) == (720, 2048, 15, 5)
+    assert expert_mlp_dim(720) == 2048
+    assert cfg.vlm.tokens_per_image == 64
+    assert full.vlm.connector.modality_projection.proj.weight.shape == (960, 12288)
+    assert full.state_proj.weight.shape == (960, 32)
+    assert full.action_time_mlp_in.weight.shape == (720, 1440)
+    for i, layer in enumerate(full.expert.layers):
+        attn = layer.self_attn
+        assert attn.q_proj.weight.shape == (960, 720)
+        assert attn.k_proj.weight.shape == ((320, 320) if i % 2 else (320, 720)), i
+        assert attn.v_proj.weight.shape == attn.k_proj.weight.shape
+
+
+def test_full_size_parameter_counts_match_the_reference(full):
+    counts = full.component_parameters()
+    # reference §4: vision 87M + 12M connector, LLM 157M + 47M embedding, expert 98M + 1.6M projections.
+    assert counts["vision"] == pytest.approx(99e6, rel=0.02)
+    assert counts["llm"] == pytest.approx(204e6, rel=0.01)
+    assert counts["expert"] == pytest.approx(98e6, rel=0.01)
+    assert counts["action_projections"] == pytest.approx(1.6e6, rel=0.03)
+    lm_head = 49280 * 960  # in the checkpoint, never loaded
+    assert sum(counts.values()) + lm_head == pytest.approx(450e6, rel=0.01)
+    assert all(p.is_meta for p in full.parameters())
+
+
+def test_linear_groups_select_every_backbone_and_expert_linear(full):
+    linears = [name for name, m in full.named_modules() if isinstance(m, nn.Linear)]
+    selected = {group: [n for n in linears if re.fullmatch(rx, n)] for group, rx in full.LINEAR_GROUPS.items()}
+    assert {g: len(v) for g, v in selected.items()} == {"llm": 16 * 7, "expert_mlp": 16 * 3, "expert_attention": 16 * 4}
+    assert not set(selected["llm"]) & set(selected["expert_attention"])
+    assert "vlm_with_expert.lm_expert.layers.15.mlp.down_proj" in selected["expert_mlp"]
+
+
+def test_attention_sites_name_each_expert_layers_projections(full):
+    sites = full.attention_sites()
+    modules = dict(full.named_modules())
+    assert len(sites) == 16
+    for site in sites:
+        assert isinstance(modules[site.q_proj], nn.Linear) and isinstance(modules[site.o_proj], nn.Linear)
+        assert (site.num_heads, site.head_dim) == (15, 64)
+        assert modules[site.q_proj].out_features == site.num_heads * site.head_dim
+
+
+def test_tiny_config_keeps_every_structural_feature():
+    cfg = smolvla_tiny()
+    assert cfg.text.num_kv_heads < cfg.text.num_heads  # GQA
+    assert cfg.num_vlm_layers < cfg.vlm.text.depth  # truncated text model
+    assert cfg.vlm.scale_factor > 1 and cfg.vlm.tokens_per_image * cfg.vlm.scale_factor**2 == cfg.vlm.vision.num_patches
+    assert [cfg.is_cross_layer(i) for i in range(4)] == [False, True, False, True]
+    assert cfg.action_horizon == 50
