@@ -19,18 +19,24 @@ def _dtype(name: str | None):
     return None if name is None else getattr(torch, name)
 
 
+def _family_and_config(path: str, asset_id: str | None = None) -> tuple:
+    """A checkpoint folder's family and config, or a published model's by name (REFERENCE_CONFIGS)."""
+    from quantvla_ros.models.registry import REFERENCE_CONFIGS, family_for
+
+    if path in REFERENCE_CONFIGS:
+        family, make_config = REFERENCE_CONFIGS[path]
+        return family, make_config(), None
+    family, raw = family_for(Path(path))
+    info = family.read_checkpoint(Path(path), raw, asset_id)
+    return family, info.config, info
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
-    from quantvla_ros.models.registry import REFERENCE_CONFIGS, family_for
-
-    if args.path in REFERENCE_CONFIGS:
-        family, make_config = REFERENCE_CONFIGS[args.path]
-        cfg, summary = make_config(), {"config": args.path}
-    else:
-        family, raw = family_for(Path(args.path))
-        info = family.read_checkpoint(Path(args.path), raw, args.asset_id)
-        cfg = info.config
+    family, cfg, info = _family_and_config(args.path, args.asset_id)
+    summary = {"config": args.path}
+    if info is not None:
         summary = {
             "path": str(info.path),
             "layout": info.layout,
@@ -96,12 +102,10 @@ def _size(n: int) -> str:
 def cmd_layout(args: argparse.Namespace) -> None:
     import torch
 
-    from quantvla_ros.models.registry import family_for
     from quantvla_ros.quant.layout import get_layout
     from quantvla_ros.quant.memory import layout_memory
 
-    family, raw = family_for(Path(args.checkpoint))
-    cfg = family.read_checkpoint(Path(args.checkpoint), raw, None).config
+    family, cfg, _ = _family_and_config(args.checkpoint)
     with torch.device("meta"):
         model = family.build_model(cfg)
     layout = get_layout(args.layout or "quantvla", args.include, args.exclude)
@@ -241,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="describe a checkpoint folder, or pi05_full / pi0_full")
-    info.add_argument("path")
+    info = sub.add_parser("info", help="describe a checkpoint folder, or a published model at full size")
+    info.add_argument("path", help="checkpoint folder, or pi0_full, pi05_full, groot_n1_5_full, smolvla_full")
     info.add_argument("--asset-id", help="openpi asset folder to read statistics from")
     info.set_defaults(func=cmd_info)
 
@@ -265,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--group-size", type=int, help="per-group weight scales along K (64, 128)")
 
     layout = sub.add_parser("layout", help="which modules a layout quantizes, and the memory before/after")
-    layout.add_argument("checkpoint")
+    layout.add_argument("checkpoint", help="checkpoint folder, or pi0_full, pi05_full, groot_n1_5_full, smolvla_full")
     layout_options(layout)
     layout.add_argument(
         "--transform",

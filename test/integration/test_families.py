@@ -1,0 +1,91 @@
+"""Every policy family through the same layers: Policy API, calibration buffer, `quantvla quantize`
+with ATM/OHB, artifacts, fidelity reports — none of them branches on the family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import groot_fixtures
+import numpy as np
+import pytest
+import smolvla_fixtures
+
+from quantvla_ros.cli import main
+from quantvla_ros.data.buffer import build_buffer, load_buffer, save_buffer
+from quantvla_ros.loader import load_policy
+from quantvla_ros.models.policy import Observation
+from quantvla_ros.quant.layout import LAYOUTS
+
+from conftest import INSTRUCTIONS, observation
+
+pytestmark = pytest.mark.integration
+FAMILIES = ["pi05", "groot", "smolvla"]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "pi05": checkpoints[(True, "lerobot")],
+        "groot": groot_fixtures.write_checkpoint(root / "groot", "nvidia"),
+        "smolvla": smolvla_fixtures.make_smolvla_checkpoint(root),
+    }
+
+
+def observations(family: str, policy, count: int) -> list[Observation]:
+    # The tiny GR00T tokenizer knows only its fixture's sentences; others would overflow its prompt.
+    known = groot_fixtures.SENTENCES[:3] if family == "groot" else INSTRUCTIONS
+    instructions = [known[i % len(known)] for i in range(count)]
+    if family == "groot":
+        return [groot_fixtures.observation(policy.model.cfg, seed=i, instruction=t) for i, t in enumerate(instructions)]
+    if family == "smolvla":
+        return [
+            Observation(smolvla_fixtures.robot_images(i), t, smolvla_fixtures.robot_state(i))
+            for i, t in enumerate(instructions)
+        ]
+    return [observation(seed=i, instruction=t) for i, t in enumerate(instructions)]
+
+
+def noise(policy) -> np.ndarray:
+    cfg = policy.model.cfg
+    return np.random.default_rng(5).standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantvla_quantize_and_fidelity_run_unchanged_on_every_family(family_checkpoints, family, tmp_path, capsys):
+    checkpoint = family_checkpoints[family]
+    policy = load_policy(checkpoint)
+    obs = observations(family, policy, 6)
+    buffer_file = save_buffer(build_buffer(policy, obs, sources=[]), tmp_path / "calib.safetensors")
+    load_buffer(buffer_file).check_matches(policy)
+
+    out = tmp_path / "w8a8"
+    args = ["quantize", "--checkpoint", str(checkpoint), "--out", str(out), "--calib", str(buffer_file)]
+    assert main([*args, "--w-bits", "8", "--a-bits", "8", "--batch-size", "3"]) == 0
+    quantized = load_policy(out)
+    config = quantized.quant_config
+    assert set(config["modules"]) == set(LAYOUTS["quantvla"].select(policy.model))
+    sites = policy.model.attention_sites()
+    alpha, beta = np.array(config["atm_ohb"]["alpha"]), np.array(config["atm_ohb"]["beta"])
+    assert alpha.shape == (len(sites), sites[0].num_heads) and beta.shape == (len(sites),)
+    assert np.all((alpha >= np.exp(-0.3) - 1e-6) & (alpha <= np.exp(0.3) + 1e-6))
+
+    # W8A8 keeps a tiny random model's actions close to float; the artifact alone reproduces them.
+    eps = noise(policy)
+    reference = policy.predict(obs[0], eps).actions
+    actions = quantized.predict(obs[0], eps).actions
+    assert actions.shape == reference.shape == (policy.horizon, policy.action_dim)
+    assert np.abs(actions - reference).max() < 0.2 * np.abs(reference).max()
+    np.testing.assert_array_equal(load_policy(out).predict(obs[0], eps).actions, actions)
+
+    report = tmp_path / "report"
+    fidelity = ["fidelity", "--reference", str(checkpoint), "--candidate", str(out), "--buffer", str(buffer_file)]
+    assert main([*fidelity, "--out", str(report)]) == 0
+    capsys.readouterr()
+    result = json.loads((report / "w8a8.json").read_text())
+    assert result["samples"] == 6 and result["action_relative_mse"] < 0.05
+    # Every quantized layer that inference runs has a figure; SmolVLA never runs its last LLM
+    # layer's o_proj and MLP (nothing reads their output), so those four have none.
+    measured, quantized_names = set(result["layer_sqnr_db"]), set(config["modules"])
+    assert measured <= quantized_names and len(quantized_names - measured) == (4 if family == "smolvla" else 0)
