@@ -14,6 +14,7 @@ through these interfaces, so none of them special-cases a family:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,21 @@ if TYPE_CHECKING:
 # observer(site, q, k, allowed): post-RoPE queries [B, H, Tq, d], keys [B, Hkv, Tk, d] and the
 # bool mask [B, Tq, Tk] of one action-expert attention during a denoising step.
 AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def attention_linears(layers: str) -> str:
+    """The q/k/v/o projections of every layer under `layers` (HF decoder naming), as a LINEAR_GROUPS regex."""
+    return rf"{re.escape(layers)}\.\d+\.self_attn\.[qkvo]_proj"
+
+
+def mlp_linears(layers: str) -> str:
+    """The gate/up/down projections of every layer under `layers`."""
+    return rf"{re.escape(layers)}\.\d+\.mlp\.(gate|up|down)_proj"
+
+
+def decoder_linears(layers: str) -> str:
+    """Every Linear of a Gemma / Llama / Qwen decoder stack: the "llm" group of each family."""
+    return f"{attention_linears(layers)}|{mlp_linears(layers)}"
 
 
 @dataclass(frozen=True)

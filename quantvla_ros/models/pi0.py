@@ -11,14 +11,19 @@ to [cached prefix K/V ; its own K/V]. The cache is read, never appended to.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantvla_ros.models.config import PI0Config
-from quantvla_ros.models.family import AttentionObserver, AttentionSite
+from quantvla_ros.models.family import (
+    AttentionObserver,
+    AttentionSite,
+    attention_linears,
+    decoder_linears,
+    mlp_linears,
+)
 from quantvla_ros.models.gemma import GemmaModel, apply_rope, attention, rope_cos_sin
 from quantvla_ros.models.siglip import SiglipVisionTower
 
@@ -96,9 +101,9 @@ _EXPERT = "paligemma_with_expert.gemma_expert.model.layers"
 class PI0Model(nn.Module):
     FAMILY = "pi0"
     LINEAR_GROUPS = {
-        "llm": rf"{re.escape(_LLM)}\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-        "expert_mlp": rf"{re.escape(_EXPERT)}\.\d+\.mlp\.(gate|up|down)_proj",
-        "expert_attention": rf"{re.escape(_EXPERT)}\.\d+\.self_attn\.[qkvo]_proj",
+        "llm": decoder_linears(_LLM),
+        "expert_mlp": mlp_linears(_EXPERT),
+        "expert_attention": attention_linears(_EXPERT),
     }
 
     def __init__(self, cfg: PI0Config) -> None:

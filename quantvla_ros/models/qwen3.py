@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantvla_ros.models.gemma import apply_rope, attention_bias, rope_cos_sin
+from quantvla_ros.models.llama import RMSNorm, SwiGLUMLP
 
 
 @dataclass(frozen=True)
@@ -29,20 +30,6 @@ class Qwen3Config:
     eps: float = 1e-6
 
 
-class Qwen3RMSNorm(nn.Module):
-    """`w * x * rsqrt(mean(x²) + eps)` in fp32 (Qwen scales by w, not by 1 + w as Gemma does)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * normed).to(x.dtype)
-
-
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
@@ -51,8 +38,8 @@ class Qwen3Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
-        self.q_norm = Qwen3RMSNorm(cfg.head_dim, cfg.eps)
-        self.k_norm = Qwen3RMSNorm(cfg.head_dim, cfg.eps)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, _ = h.shape
@@ -65,24 +52,13 @@ class Qwen3Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class Qwen3MLP(nn.Module):
-    def __init__(self, cfg: Qwen3Config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
         self.self_attn = Qwen3Attention(cfg)
-        self.mlp = Qwen3MLP(cfg)
-        self.input_layernorm = Qwen3RMSNorm(cfg.width, cfg.eps)
-        self.post_attention_layernorm = Qwen3RMSNorm(cfg.width, cfg.eps)
+        self.mlp = SwiGLUMLP(cfg.width, cfg.mlp_dim)
+        self.input_layernorm = RMSNorm(cfg.width, cfg.eps)
+        self.post_attention_layernorm = RMSNorm(cfg.width, cfg.eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
@@ -95,7 +71,7 @@ class Qwen3Model(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg) for _ in range(cfg.depth))
-        self.norm = Qwen3RMSNorm(cfg.width, cfg.eps)
+        self.norm = RMSNorm(cfg.width, cfg.eps)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """embeds [B, T, width] with left padding marked False in mask [B, T] -> final-norm hidden states.

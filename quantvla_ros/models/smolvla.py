@@ -19,14 +19,20 @@ appended to the cache.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_ros.models.family import AttentionObserver, AttentionSite
+from quantvla_ros.models.family import (
+    AttentionObserver,
+    AttentionSite,
+    attention_linears,
+    decoder_linears,
+    mlp_linears,
+)
 from quantvla_ros.models.gemma import apply_rope, attention, rope_cos_sin
+from quantvla_ros.models.llama import RMSNorm, SwiGLUMLP
 from quantvla_ros.models.pi0 import make_att_2d_masks, sincos_time_embedding
 from quantvla_ros.models.siglip import SiglipVisionTransformer
 from quantvla_ros.models.smolvla_config import SmolLMConfig, SmolVLAConfig
@@ -64,20 +70,6 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, blocks * blocks, scale * scale * d)
 
 
-class RMSNorm(nn.Module):
-    """LLaMA RMSNorm, `x * rsqrt(mean(x²) + eps) * w`, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
-
-
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[B, T, H·d] -> [B, H, T, d]."""
     b, t, _ = x.shape
@@ -104,24 +96,13 @@ class SmolLMAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
 
 
-class SmolLMMLP(nn.Module):
-    def __init__(self, cfg: SmolLMConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class SmolLMDecoderLayer(nn.Module):
     """A LLaMA layer split around its attention, which the caller runs (joint, cached or cross)."""
 
     def __init__(self, cfg: SmolLMConfig, kv_width: int | None = None) -> None:
         super().__init__()
         self.self_attn = SmolLMAttention(cfg, kv_width)
-        self.mlp = SmolLMMLP(cfg)
+        self.mlp = SwiGLUMLP(cfg.width, cfg.mlp_dim)
         self.input_layernorm = RMSNorm(cfg.width, cfg.eps)
         self.post_attention_layernorm = RMSNorm(cfg.width, cfg.eps)
 
@@ -223,9 +204,9 @@ _EXPERT = "vlm_with_expert.lm_expert.layers"
 class SmolVLAModel(nn.Module):
     FAMILY = "smolvla"
     LINEAR_GROUPS = {
-        "llm": rf"{re.escape(_LLM)}\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-        "expert_mlp": rf"{re.escape(_EXPERT)}\.\d+\.mlp\.(gate|up|down)_proj",
-        "expert_attention": rf"{re.escape(_EXPERT)}\.\d+\.self_attn\.[qkvo]_proj",
+        "llm": decoder_linears(_LLM),
+        "expert_mlp": mlp_linears(_EXPERT),
+        "expert_attention": attention_linears(_EXPERT),
     }
 
     def __init__(self, cfg: SmolVLAConfig) -> None:
