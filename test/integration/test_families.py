@@ -4,18 +4,28 @@ with ATM/OHB, artifacts, fidelity reports — none of them branches on the famil
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import groot_fixtures
 import numpy as np
 import pytest
 import smolvla_fixtures
+from tokenizers import Tokenizer
 
 from quantvla_ros.cli import main
 from quantvla_ros.data.buffer import build_buffer, load_buffer, save_buffer
 from quantvla_ros.loader import load_policy
+from quantvla_ros.models.groot_checkpoint import save_groot
 from quantvla_ros.models.policy import Observation
+from quantvla_ros.models.processing import NormStats
+from quantvla_ros.models.smolvla import SmolVLAModel
+from quantvla_ros.models.smolvla_checkpoint import save_smolvla
+from quantvla_ros.models.smolvla_config import smolvla_tiny
+from quantvla_ros.paths import config_file
 from quantvla_ros.quant.layout import LAYOUTS
+from quantvla_ros.sim.ros_eval import evaluate_over_ros
+from quantvla_ros.sim.tasks import ACTION_NAMES, STATE_NAMES
 
 from conftest import INSTRUCTIONS, observation
 
@@ -89,3 +99,34 @@ def test_quantvla_quantize_and_fidelity_run_unchanged_on_every_family(family_che
     # layer's o_proj and MLP (nothing reads their output), so those four have none.
     measured, quantized_names = set(result["layer_sqnr_db"]), set(config["modules"])
     assert measured <= quantized_names and len(quantized_names - measured) == (4 if family == "smolvla" else 0)
+
+
+def sim_checkpoint(family: str, root: Path) -> Path:
+    """A tiny random policy of the family with the simulator's camera, state and action sizes."""
+    camera = ("base_0_rgb",)
+    rng = np.random.default_rng(0)
+
+    def stats(dim: int) -> NormStats:
+        low = rng.uniform(-1, 0, dim)
+        return NormStats(min=low, max=low + 1, mean=low + 0.5, std=np.full(dim, 0.3), q01=low, q99=low + 1)
+
+    if family == "groot":
+        tokenizer = groot_fixtures.write_tokenizer(root / "groot_tokenizer")
+        cfg = replace(groot_fixtures.tiny_config(tokenizer), camera_names=camera, max_token_len=256)
+        sizes = {"state.arm": len(STATE_NAMES), "action.arm": len(ACTION_NAMES)}
+        norm = {key: stats(dim) for key, dim in sizes.items()}
+        return save_groot(groot_fixtures.tiny_model(cfg), root / "groot_sim", "nvidia", norm, tokenizer, "so100")
+    tokenizer = smolvla_fixtures.write_smolvlm_tokenizer(root / "smolvla_tokenizer")
+    vocab_size = Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size()
+    cfg = replace(smolvla_tiny(vocab_size), camera_names=camera, max_state_dim=16)
+    norm = {"state": stats(len(STATE_NAMES)), "actions": stats(len(ACTION_NAMES))}
+    return save_smolvla(SmolVLAModel(cfg).eval(), root / "smolvla_sim", norm, tokenizer)
+
+
+@pytest.mark.parametrize("family", ["groot", "smolvla"])
+def test_the_simulator_loop_runs_every_family_through_the_policy_node(family, tmp_path):
+    checkpoint = sim_checkpoint(family, tmp_path)
+    result = evaluate_over_ros(checkpoint, config_file("sim_policy.yaml"), ["reach"], episodes=1, seed=0, max_steps=10)
+    task = result["tasks"]["reach"]
+    # Ten simulator steps are two action chunks, each answering its observation over DDS.
+    assert len(task["successes"]) == 1 and task["mean_length"] == 10
