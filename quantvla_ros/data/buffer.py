@@ -78,7 +78,9 @@ def build_buffer(policy: Policy, observations: Iterable[Observation], sources: l
     def cat(name: str) -> torch.Tensor:
         return torch.cat([getattr(p, name).cpu() for p in prepared])
 
-    # prepare() gives u/127.5 - 1 for pixels u and -1 for masked cameras, so this is exact.
+    # π0 and GR00T resize uint8 pixels, so prepare() gives u/127.5 - 1 (and -1 for masked cameras)
+    # and this is exact; SmolVLA resizes in float as LeRobot does, and its pixels are stored to the
+    # nearest uint8 level (at most 1/255 off in model units, far below what calibration notices).
     images = ((cat("images") + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
     return CalibrationBuffer(
         images=images.contiguous(),
