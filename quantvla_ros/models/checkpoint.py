@@ -9,6 +9,7 @@ Nothing is unpickled: weights are safetensors, everything else JSON.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_json_atomic
-from quantvla_ros.models.processing import NormStats
+from quantvla_ros.models.processing import NormStats, load_lerobot_norm_stats
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+# LeRobot before its processor pipelines (< 0.4) kept normalization statistics as buffers among the
+# weights: `normalize_inputs.buffer_observation_state.mean`, `unnormalize_outputs.buffer_action.std`.
+LEGACY_LEROBOT_NORMALIZER = re.compile(
+    r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.buffer_(\w+)\.(mean|std|min|max)$"
+)
+_LEGACY_FEATURES = {"observation_state": "state", "action": "actions"}
 
 
 class CheckpointError(ValueError):
@@ -69,6 +76,37 @@ def processor_state_file(path: Path, pipeline_json: str, registry_name: str) -> 
         if step.get("registry_name") == registry_name and step.get("state_file"):
             return path / step["state_file"]
     return None
+
+
+def lerobot_norm_stats(path: Path) -> dict[str, NormStats]:
+    """A LeRobot folder's state and action statistics: from the normalizer files its processor
+    JSON names, or, in exports older than the processor pipelines, from the weights' buffers."""
+    files = [
+        f
+        for f in (
+            processor_state_file(path, "policy_preprocessor.json", "normalizer_processor"),
+            processor_state_file(path, "policy_postprocessor.json", "unnormalizer_processor"),
+        )
+        if f is not None
+    ]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path} lacks the normalizer file(s) its processor JSON names: {', '.join(missing)}.")
+    try:
+        return load_lerobot_norm_stats(files) if files else _legacy_lerobot_norm_stats(weight_files(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _legacy_lerobot_norm_stats(files: list[Path]) -> dict[str, NormStats]:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for f in files:
+        with open_safetensors(f) as sf:
+            for key in sf.keys():
+                if (m := LEGACY_LEROBOT_NORMALIZER.match(key)) and m.group(2) in _LEGACY_FEATURES:
+                    # The input and the target normalizer both hold the action's statistics.
+                    found.setdefault(_LEGACY_FEATURES[m.group(2)], {})[m.group(3)] = sf.get_tensor(key).float()
+    return {feature: NormStats(**{n: t.numpy() for n, t in stats.items()}) for feature, stats in found.items()}
 
 
 def weight_files(path: Path) -> list[Path]:

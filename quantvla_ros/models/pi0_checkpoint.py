@@ -22,9 +22,10 @@ import torch
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
 from quantvla_ros.models.checkpoint import (
     CONFIG_FILE,
+    LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
     CheckpointInfo,
-    processor_state_file,
+    lerobot_norm_stats,
     tensor_shapes,
     weight_files,
     write_weights,
@@ -41,7 +42,6 @@ from quantvla_ros.models.pi0 import PI0Model
 from quantvla_ros.models.pi0_processor import PI0Processor
 from quantvla_ros.models.processing import (
     NormStats,
-    load_lerobot_norm_stats,
     load_openpi_norm_stats,
     save_lerobot_norm_stats,
     save_openpi_norm_stats,
@@ -56,6 +56,7 @@ EMBED_TOKENS = "paligemma_with_expert.paligemma.model.language_model.embed_token
 IGNORED_KEYS = (
     re.compile(r"^paligemma_with_expert\.paligemma\.lm_head\.weight$"),
     re.compile(r"^paligemma_with_expert\.gemma_expert\.lm_head\.weight$"),
+    LEGACY_LEROBOT_NORMALIZER,
 )
 
 # transformers < 4.52 nested PaliGemma differently; older openpi/lerobot exports use these names.
@@ -174,18 +175,7 @@ def _read_lerobot(path: Path, raw: dict, shapes: dict) -> CheckpointInfo:
         num_steps=int(raw.get("num_inference_steps", 10)),
         camera_names=tuple(cameras) or PI0Config.camera_names,
     )
-    files = [
-        f
-        for f in (
-            processor_state_file(path, "policy_preprocessor.json", "normalizer_processor"),
-            processor_state_file(path, "policy_postprocessor.json", "unnormalizer_processor"),
-        )
-        if f is not None
-    ]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(f"{path} lacks the normalizer file(s) its processor JSON names: {', '.join(missing)}.")
-    stats = load_lerobot_norm_stats(files) if files else {}
+    stats = lerobot_norm_stats(path)
     mapping = raw.get("normalization_mapping", {})
     state_shape = inputs.get("observation.state", {}).get("shape")
     action_shape = outputs.get("action", {}).get("shape")

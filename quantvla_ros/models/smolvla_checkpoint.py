@@ -29,15 +29,16 @@ import torch
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
 from quantvla_ros.models.checkpoint import (
     CONFIG_FILE,
+    LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
     CheckpointInfo,
-    processor_state_file,
+    lerobot_norm_stats,
     tensor_shapes,
     weight_files,
     write_weights,
 )
 from quantvla_ros.models.family import ModelFamily
-from quantvla_ros.models.processing import NormStats, load_lerobot_norm_stats, save_lerobot_norm_stats
+from quantvla_ros.models.processing import NormStats, save_lerobot_norm_stats
 from quantvla_ros.models.smolvla import SmolVLAModel
 from quantvla_ros.models.smolvla_config import SmolVLAConfig, resolve_vlm, vlm_name
 from quantvla_ros.models.smolvla_processing import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SmolVLAProcessor
@@ -146,21 +147,7 @@ def read_checkpoint(path: Path, raw: dict, asset_id: str | None = None) -> Check
         raise CheckpointError(
             f"{path / CONFIG_FILE} has an unusable field ({e}); compare it with a fresh export."
         ) from None
-    files = [
-        f
-        for f in (
-            processor_state_file(path, PREPROCESSOR, "normalizer_processor"),
-            processor_state_file(path, POSTPROCESSOR, "unnormalizer_processor"),
-        )
-        if f is not None
-    ]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(f"{path} lacks the normalizer file(s) its processor JSON names: {', '.join(missing)}.")
-    try:
-        stats = load_lerobot_norm_stats(files) if files else {}
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    stats = lerobot_norm_stats(path)
     return CheckpointInfo(
         path=path,
         layout="lerobot",
@@ -182,7 +169,9 @@ def canonical_state_dict(raw: dict[str, torch.Tensor], layout: str) -> tuple[dic
     ignored = sorted(
         k
         for k in out
-        if k in UNUSED_KEYS or ((m := _TEXT_LAYER.match(k)) and expert_depth > 0 and int(m.group(1)) >= expert_depth)
+        if k in UNUSED_KEYS
+        or LEGACY_LEROBOT_NORMALIZER.match(k)
+        or ((m := _TEXT_LAYER.match(k)) and expert_depth > 0 and int(m.group(1)) >= expert_depth)
     )
     for k in ignored:
         del out[k]

@@ -4,6 +4,7 @@ with ATM/OHB, artifacts, fidelity reports — none of them branches on the famil
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import groot_fixtures
 import numpy as np
 import pytest
 import smolvla_fixtures
+import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from quantvla_ros.cli import main
@@ -130,3 +133,37 @@ def test_the_simulator_loop_runs_every_family_through_the_policy_node(family, tm
     task = result["tasks"]["reach"]
     # Ten simulator steps are two action chunks, each answering its observation over DDS.
     assert len(task["successes"]) == 1 and task["mean_length"] == 10
+
+
+def to_legacy_lerobot(folder: Path, out: Path) -> Path:
+    """The same LeRobot checkpoint as a release before the processor pipelines wrote it: statistics
+    as normalizer buffers among the weights, no processor JSON or normalizer files."""
+    shutil.copytree(folder, out)
+    stats = load_policy(folder).info.norm_stats
+    weights = load_file(out / "model.safetensors")
+    for prefix, feature, key in [
+        ("normalize_inputs", "observation_state", "state"),
+        ("normalize_targets", "action", "actions"),
+        ("unnormalize_outputs", "action", "actions"),
+    ]:
+        for name in ("mean", "std"):
+            weights[f"{prefix}.buffer_{feature}.{name}"] = torch.from_numpy(getattr(stats[key], name).copy())
+    save_file(weights, out / "model.safetensors")
+    for f in [*out.glob("policy_*processor*.json"), *out.glob("*normalizer_processor.safetensors")]:
+        f.unlink()
+    return out
+
+
+@pytest.mark.parametrize("family", ["pi0", "smolvla"])
+def test_lerobot_exports_from_before_the_processor_pipelines_load_their_statistics(
+    checkpoints, family_checkpoints, family, tmp_path
+):
+    folder = checkpoints[(False, "lerobot")] if family == "pi0" else family_checkpoints["smolvla"]
+    current = load_policy(folder)
+    legacy = load_policy(to_legacy_lerobot(folder, tmp_path / "legacy"))
+    for key in ("state", "actions"):
+        np.testing.assert_array_equal(legacy.info.norm_stats[key].mean, current.info.norm_stats[key].mean)
+        np.testing.assert_array_equal(legacy.info.norm_stats[key].std, current.info.norm_stats[key].std)
+    obs = observations(family, current, 1)[0]
+    eps = noise(current)
+    np.testing.assert_allclose(legacy.predict(obs, eps).actions, current.predict(obs, eps).actions, rtol=1e-5)
