@@ -2,12 +2,15 @@
 
     python bench/e2e.py --json bench/e2e.json        # full-size π0.5 on the GPU, random weights
     python bench/e2e.py --config small                # a small π0.5 with the real input shapes, runs on the CPU
+    python bench/e2e.py --model groot                 # full-size GR00T N1.5 on the GPU (--config small: CPU)
 
-Full size: 3 cameras at 224 px, 200 prompt slots, horizon 50, 10 Euler steps, batch 1. Variants,
-all in one run on one card (float32 instead of bf16 on the CPU):
+Full size, batch 1: π0.5 with 3 cameras at 224 px, 200 prompt slots, horizon 50, 10 Euler steps;
+GR00T N1.5 with 1 camera at 224 px, its 392-slot prompt budget, horizon 16, 4 Euler steps.
+Variants, all in one run on one card (float32 instead of bf16 on the CPU):
 
-    bf16 eager        PI0Model.sample_actions
-    bf16 optimized    PI0Engine: precomputed timestep schedule, static buffers, a CUDA graph per stage
+    bf16 eager        the model's own sample_actions (PI0Model, GR00TN15Model)
+    bf16 optimized    its engine (PI0Engine, GR00TEngine): precomputed timestep schedule, static
+                      buffers, a CUDA graph per stage
     W4A8 optimized    the same engine over the QuantVLA layout (every LLM Linear and the action
     W4A4 optimized    expert's MLPs) as QuantLinears with dynamic per-token activations
 
@@ -20,16 +23,16 @@ method (a block-Hadamard rotation of each quantized layer's input at run time), 
 therefore not in these figures.
 
 Per variant: median milliseconds over --runs after --warmup of each stage (vision: SigLIP,
-projector and prompt embedding; prefix: the LLM pass that fills the K/V cache; denoise: all
-expert steps), timed with a device sync after each stage, and of the whole call timed on its
-own; peak GPU memory (max_memory_allocated, reset before each variant, weights included).
+projector and prompt embedding; prefix: the LLM pass that fills the K/V cache, for GR00T also
+vlln, the VL self-attention and the DiT's cross-attention K/V; denoise: all expert steps),
+timed with a device sync after each stage, and of the whole call timed on its own; peak GPU
+memory (max_memory_allocated, reset before each variant, weights included).
 Ratios are against bf16 eager and bf16 optimized from the same run. The floor of each stage is
 max(weight and K/V bytes read / copy bandwidth, FLOPs / bf16 matmul rate), with both rates
 measured in this run (a 1 GiB device-to-device copy, an 8192³ bf16 matmul), weights counted
 as each variant stores them, quantized layers at the bf16 rate too. Not a test.
 
-Each model family is one entry of MODELS (configs, builder, inputs, stages, costs); GR00T N1.5
-goes in as another.
+Each model family is one entry of MODELS (configs, builder, inputs, stages, costs).
 """
 
 from __future__ import annotations
@@ -46,9 +49,13 @@ from datetime import datetime, timezone
 import torch
 from torch import nn
 
+from quantvla_ros.engine.groot_engine import GR00TEngine
 from quantvla_ros.engine.pi0_engine import PI0Engine
-from quantvla_ros.models.config import PI0Config, pi05_full, small_pi05
+from quantvla_ros.models.config import PI0Config, SiglipConfig, pi05_full, small_pi05
+from quantvla_ros.models.groot import CategorySpecificLinear, GR00TN15Model
+from quantvla_ros.models.groot_config import GR00TConfig, TransformerConfig, groot_n15_full, prompt_budget
 from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.qwen3 import Qwen3Config
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.quant.linear import QuantLinear
@@ -185,6 +192,124 @@ def build_pi0(cfg: PI0Config, dtype: torch.dtype) -> PI0Model:
     return PI0Model(cfg).set_dtype(dtype).eval()
 
 
+# ---- GR00T N1.5 -------------------------------------------------------------------------
+def small_groot() -> GR00TConfig:
+    """A few-million-parameter GR00T N1.5 with every real input shape (1 camera at 224 px, horizon 16)."""
+    vision = SiglipConfig(image_size=224, patch_size=14, width=96, depth=4, num_heads=4, mlp_dim=384)
+    return GR00TConfig(
+        vision=vision,
+        llm=Qwen3Config(width=128, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32, vocab_size=1024),
+        vl_self_attention=TransformerConfig(num_heads=4, head_dim=32, depth=2),
+        dit=TransformerConfig(num_heads=4, head_dim=32, depth=4),
+        dit_output_dim=128,
+        hidden_size=128,
+        input_embedding_dim=128,
+        image_token_id=1023,
+        max_token_len=prompt_budget(1, vision.num_patches),
+    )
+
+
+def groot_inputs(cfg: GR00TConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    size, cams = cfg.image_size, len(cfg.camera_names)
+    slots = cams * cfg.tokens_per_image
+    with device:
+        tokens = torch.randint(0, cfg.image_token_id, (1, cfg.max_token_len))
+        # The image placeholders follow a short chat-template head, as the processor lays the prompt out.
+        tokens[:, 8 : 8 + slots] = cfg.image_token_id
+        return dict(
+            images=torch.rand(1, cams, 3, size, size) * 2 - 1,
+            image_masks=torch.ones(1, cams, dtype=torch.bool),
+            tokens=tokens,
+            token_masks=torch.ones(1, cfg.max_token_len, dtype=torch.bool),
+            state=torch.zeros(1, cfg.max_state_dim),
+            noise=torch.randn(1, cfg.action_horizon, cfg.action_dim),
+        )
+
+
+def groot_stages(model: GR00TN15Model, batch: dict, optimized: bool, compile: bool):
+    prompt = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
+    if optimized:
+        engine = GR00TEngine(model, compile=compile)
+        stages = {
+            "vision": lambda: engine.embed(*prompt),
+            "prefix": engine.prefix,
+            "denoise": lambda: engine.denoise(batch["state"], batch["noise"]),
+        }
+        return stages, lambda: engine.sample_actions(**batch)
+    # GR00TN15Model.sample_actions cut at the stage boundaries (its backbone runs vision and LLM in one call).
+    cfg, eagle, head = model.cfg, model.backbone.eagle_model, model.action_head
+    llm, masks, held = eagle.language_model.model, batch["token_masks"], {}
+
+    @torch.no_grad()
+    def vision() -> None:
+        vit = eagle.mlp1(eagle.vision_model(batch["images"].to(model.compute_dtype).flatten(0, 1)))
+        embeds = llm.embed_tokens(batch["tokens"])
+        slots = (batch["tokens"] == cfg.image_token_id)[..., None]
+        held["embeds"] = embeds.masked_scatter(slots, vit.to(embeds.dtype).reshape(1, -1, embeds.shape[-1]))
+
+    @torch.no_grad()
+    def prefix() -> None:
+        held["kv"] = head.model.cross_kv(head.vl_self_attention(head.vlln(llm(held["embeds"], masks)), masks))
+
+    @torch.no_grad()
+    def denoise() -> None:
+        state = head.state_encoder(batch["state"][:, None, :], cfg.embodiment_id)
+        n, x = cfg.num_steps, batch["noise"]
+        for step in range(n):
+            tau = torch.full((1,), int(step / n * cfg.num_timestep_buckets), device=x.device)
+            x = x + model.velocity(state, held["kv"], masks, x, tau) / n
+
+    return {"vision": vision, "prefix": prefix, "denoise": denoise}, lambda: model.sample_actions(**batch)
+
+
+def category_cost(layer: CategorySpecificLinear, tokens: int, in_rows: int | None = None) -> Cost:
+    """One embodiment's slice of a per-embodiment Linear (the first in_rows inputs, default all)."""
+    weight = layer.W[0, :in_rows]
+    return Cost(2 * tokens * weight.numel(), weight.numel() * weight.element_size())
+
+
+def groot_costs(model: GR00TN15Model, batch: dict) -> dict[str, Cost]:
+    cfg, (b, cams) = model.cfg, batch["images"].shape[:2]
+    vis, llm, vl_sa = cfg.vision, cfg.llm, cfg.vl_self_attention
+    eagle, head = model.backbone.eagle_model, model.action_head
+    dit = head.model
+    images, patches = b * cams, vis.num_patches
+    conv = eagle.vision_model.vision_model.embeddings.patch_embedding
+    vision = linear_cost(linears(eagle.vision_model) + linears(eagle.mlp1), images * patches)
+    vision += Cost(2 * images * patches * conv.weight.numel(), conv.weight.numel() * conv.weight.element_size())
+    vision += Cost(vis.depth * images * 4 * patches**2 * vis.width)
+    length = batch["tokens"].shape[1]
+    cross = [block.attn1 for i, block in enumerate(dit.transformer_blocks) if dit.is_cross(i)]
+    prefix = linear_cost(linears(eagle.language_model) + linears(head.vl_self_attention), b * length)
+    prefix += linear_cost([proj for attn in cross for proj in (attn.to_k, attn.to_v)], b * length)
+    # Qwen3 is causal: half the score and value products of a full square.
+    prefix += Cost(llm.depth * b * 2 * length**2 * llm.num_heads * llm.head_dim)
+    prefix += Cost(vl_sa.depth * b * 4 * length**2 * vl_sa.width)
+    # Per step: the DiT without its time layers (the engine precomputes every modulation) and without
+    # the cross blocks' K/V projections (once per inference, above), then the output layer on the
+    # action tokens only; the per-embodiment encoder's W2 sees only the action half.
+    t, horizon, width = 1 + cfg.num_target_vision_tokens + cfg.action_horizon, cfg.action_horizon, cfg.dit.width
+    step = Cost()
+    for block in dit.transformer_blocks:
+        attn = block.attn1
+        kv = [] if attn in cross else [attn.to_k, attn.to_v]
+        step += linear_cost([attn.to_q, *kv, attn.to_out[0], *linears(block.ff)], b * t)
+        keys = length if attn in cross else t
+        step += Cost(4 * b * t * keys * width)
+    step += linear_cost([dit.proj_out_2], b * horizon)
+    encoder, decoder = head.action_encoder, head.action_decoder
+    step += category_cost(encoder.W1, b * horizon) + category_cost(encoder.W2, b * horizon, encoder.width)
+    step += category_cost(encoder.W3, b * horizon)
+    step += category_cost(decoder.layer1, b * horizon) + category_cost(decoder.layer2, b * horizon)
+    step += Cost(0, len(cross) * 2 * b * length * width * model.compute_dtype.itemsize)
+    state = category_cost(head.state_encoder.layer1, b) + category_cost(head.state_encoder.layer2, b)
+    return {"vision": vision, "prefix": prefix, "denoise": step * cfg.num_steps + state}
+
+
+def build_groot(cfg: GR00TConfig, dtype: torch.dtype) -> GR00TN15Model:
+    return GR00TN15Model(cfg).set_dtype(dtype).eval()
+
+
 MODELS = {
     "pi05": ModelEntry(
         configs={
@@ -195,6 +320,14 @@ MODELS = {
         inputs=pi0_inputs,
         stages=pi0_stages,
         costs=pi0_costs,
+        quantized_layout="quantvla",
+    ),
+    "groot": ModelEntry(
+        configs={"full": groot_n15_full, "small": small_groot},
+        build=build_groot,
+        inputs=groot_inputs,
+        stages=groot_stages,
+        costs=groot_costs,
         quantized_layout="quantvla",
     ),
 }

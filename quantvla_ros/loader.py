@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
+from quantvla_ros.engine.groot_engine import GR00TEngine
 from quantvla_ros.engine.pi0_engine import PI0Engine
 from quantvla_ros.models.policy import Policy, default_dtype, load_float_policy
 from quantvla_ros.quant.artifact import is_artifact, load_artifact
 
-ENGINES = {"pi0": PI0Engine}  # family -> engine class; families without one run their model eagerly
+# family -> engine class; families without one run their model eagerly
+ENGINES = {"pi0": PI0Engine, "groot_n1_5": GR00TEngine}
 ENGINE_MODES = ("auto", "on", "off")  # auto = on CUDA where the family has an engine
 
 

@@ -215,8 +215,19 @@ class AdaLayerNorm(nn.Module):
         self.norm = LayerNorm(width, eps=1e-5, elementwise_affine=False)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb.float())).chunk(2, dim=1)
-        return (self.norm(x).float() * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+        return self.modulate(x, self.modulation(temb))
+
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """temb [B, width] -> [B, 2 * width], (scale, shift) side by side.
+
+        Depends on the timestep only, so an inference engine can compute it once per schedule.
+        """
+        return self.linear(F.silu(temb.float()))
+
+    def modulate(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """The norm of x [B, T, width] under a modulation() output ([B or 1, 2 * width])."""
+        scale, shift = modulation[:, None, :].chunk(2, dim=-1)
+        return (self.norm(x).float() * (1 + scale) + shift).to(x.dtype)
 
 
 class DiTBlock(nn.Module):
@@ -282,8 +293,16 @@ class DiT(nn.Module):
 
     def output(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """The output layer; it splits (shift, scale), the reverse of AdaLayerNorm's (scale, shift)."""
-        shift, scale = self.proj_out_1(F.silu(temb.float())).chunk(2, dim=1)
-        return self.proj_out_2(self.norm_out(x).float() * (1 + scale[:, None]) + shift[:, None])
+        return self.modulated_output(x, self.output_modulation(temb))
+
+    def output_modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """temb [B, width] -> [B, 2 * width], (shift, scale) side by side; depends on the timestep only."""
+        return self.proj_out_1(F.silu(temb.float()))
+
+    def modulated_output(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """The output layer on x [B, T, width] under an output_modulation() ([B or 1, 2 * width])."""
+        shift, scale = modulation[:, None, :].chunk(2, dim=-1)
+        return self.proj_out_2(self.norm_out(x).float() * (1 + scale) + shift)
 
 
 # ---- backbone and head -------------------------------------------------------------------------
