@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything this project still has to measure on a GPU, as one call of a lent H100/H200:
+#
+#     bash bench/gpu_session.sh [gemm] [e2e] [groot]    # default: gemm e2e
+#
+# gemm   bench/gemm.py: every Triton kernel checked against the exact reference on the card,
+#        then timed against cuBLAS bf16, torch._int_mm and fp8 _scaled_mm (issue #4's targets)
+# e2e    bench/e2e.py: full-size π0.5, bf16 eager vs the engine, float vs QuantVLA W4A8/W4A4 (#8)
+# groot  bench/e2e.py --model groot: full-size GR00T N1.5, the same variants (#8)
+#
+# The machine has torch, Triton and the rest (see .library/device/KINDS.md) but not this
+# package: it runs from the source tree, `quantvla_kernels` through a link to kernels/. Do not
+# pip-install requirements.txt there (it pins the CPU torch and Triton 3.9; the kernels also
+# build with the card's Triton 3.6). Results and logs go to $OUT (the device tool returns them);
+# each step has its own time limit so one slow step still leaves the others' figures.
+set -uo pipefail
+OUT=${OUT:-build/gpu_session}
+mkdir -p "$OUT" /tmp/quantvla_path
+ln -sfn "$PWD/kernels" /tmp/quantvla_path/quantvla_kernels
+export PYTHONPATH="$PWD:/tmp/quantvla_path" PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(gemm e2e)
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/card.txt"
+
+for step in "${steps[@]}"; do
+    case "$step" in
+        gemm) timeout 330 python3 bench/gemm.py --json "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
+        e2e) timeout 240 python3 bench/e2e.py --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
+        groot) timeout 240 python3 bench/e2e.py --model groot --json "$OUT/e2e_groot.json" 2>&1 | tee "$OUT/e2e_groot.log" ;;
+        *) echo "unknown step $step: use gemm, e2e or groot" >&2; exit 2 ;;
+    esac
+    echo "$step exited with $?" | tee -a "$OUT/card.txt"
+done
