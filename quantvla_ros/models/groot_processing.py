@@ -125,7 +125,17 @@ class EagleTokenizer:
         for name in TOKENIZER_FILES:
             if (path / name).is_file():
                 digest.update(name.encode() + b"\0" + (path / name).read_bytes())
-        return cls(tok, template, special, pad_id, digest.hexdigest())
+        eagle = cls(tok, template, special, pad_id, digest.hexdigest())
+        # A template that cannot lay out an image-and-text turn (e.g. GR00T N1's text-only one)
+        # would otherwise fail on the first observation instead of at load.
+        try:
+            eagle_prompt(eagle, "probe", cameras=1, tokens_per_image=1)
+        except (jinja2.exceptions.TemplateError, TypeError) as e:
+            raise CheckpointError(
+                f"The chat template in {path} cannot render GR00T's image and text turn ({e}); "
+                "use the Eagle 2.5 chat_template.json from Isaac-GR00T's eagle2_hg_model."
+            ) from None
+        return eagle
 
     @staticmethod
     def _load_model(path: Path, config: dict) -> tokenizers.Tokenizer:

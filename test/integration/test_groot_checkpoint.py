@@ -168,6 +168,15 @@ def test_missing_tokenizer_files_are_clear_errors(checkpoints, tmp_path, name):
     assert "\n" not in str(err.value)
 
 
+def test_a_text_only_chat_template_is_refused_at_load(checkpoints, tmp_path):
+    path = copy(checkpoints["lerobot"], tmp_path)
+    # GR00T N1's Eagle 2 template concatenates message['content'] as a string.
+    template = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>'}}{% endfor %}"
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(CheckpointError, match="cannot render GR00T's image and text turn"):
+        read_checkpoint(path)
+
+
 def test_saving_needs_per_key_statistics(tmp_path):
     model = tiny_model(tiny_config(write_tokenizer(tmp_path / "tok")))
     with pytest.raises(ValueError, match="state.<key>"):
