@@ -6,6 +6,9 @@ Per shape: cuBLAS bf16 (torch.matmul), torch._int_mm (int8, weights N x K passed
 fp8 row-wise torch._scaled_mm (where the card has fp8), and quantvla_kernels' Triton W8A8,
 W4A8 and W4A4 GEMMs on pre-quantized activations (split-K off, and on where the heuristic
 splits), plus each whole layer as QuantLinear runs it on CUDA (per-token quantization + GEMM).
+At one shape per distinct (M, K) of the π0.5 expert and prefix and the GR00T DiT, QuantVLA's input
+transform (DuQuant: smoothing, Hadamard rotation, permutation, rotation) with int8 quantization:
+torch steps + quantize_rows (the unfused path) against the fused Triton kernel.
 Every kernel is checked against the exact reference before it is timed; a kernel that fails
 is reported and the run goes on. Two medians per row: triton.testing.do_bench, eager (L2
 flushed between runs, so weights come from HBM, but Python and launch overhead count), and
@@ -42,6 +45,16 @@ SHAPES = [
     ("gr00t qwen3 gate+up", 304, 2048, 12288),
     ("gr00t qwen3 down", 304, 6144, 2048),
 ]
+# Shapes that also time the input transform + quantization: K = 1024 and 4096 (π0.5 expert),
+# 2048 and 16384 (π0.5 prefix), 1536 and 6144 (GR00T DiT).
+TRANSFORM_SHAPES = {
+    "pi05 llm gate+up",
+    "pi05 llm down",
+    "pi05 expert gate+up",
+    "pi05 expert down",
+    "gr00t dit ff up",
+    "gr00t dit ff down",
+}
 # Fixed tiles for the int32 accumulator checks, so that checking adds no autotuning.
 CHECK_CONFIG = {"BM": 64, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 3}
 
@@ -128,6 +141,19 @@ class Shape:
         if problem:
             self.failures.append(f"{self.name} {method}: {problem}")
 
+    def record_pass(self, method: str, fn, problem: str | None = None):
+        """Time fn, a pass over the activations only (no GEMM): bandwidth from bf16 in, int8 codes out."""
+        us, us_graph = bench(fn, self.args), bench_graph(fn, self.args)
+        tbps = self.m * self.k * 3 / us / 1e6
+        self.rows.append({
+            "shape": self.name, "M": self.m, "K": self.k, "N": None, "method": method, "us": round(us, 2),
+            "us_graph": None if us_graph is None else round(us_graph, 2), "TOPs": None, "compute_frac": None,
+            "TBps": round(tbps, 3), "bandwidth_frac": round(tbps / self.caps["copy_TBps"], 3),
+            "check": problem or "ok",
+        })  # fmt: skip
+        if problem:
+            self.failures.append(f"{self.name} {method}: {problem}")
+
     def quantize_weight(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel round-to-nearest codes and scales (QuantLinear adds a clipping search)."""
         qmax = 2 ** (bits - 1) - 1
@@ -202,14 +228,42 @@ class Shape:
         problem = quant_problem or mismatch("quantized_matmul", layer_fn(), ref)
         self.record(f"{label} layer (quant + GEMM)", layer_fn, w_bits / 8, 2, True, problem)
 
+    def transform(self) -> None:
+        """DuQuant transform + per-token int8 quantization: torch steps then quantize_rows, and the fused kernel."""
+        from quantvla_kernels import quantize_per_token
+        from quantvla_kernels import triton_quant as tq
+        from quantvla_kernels import triton_transform as tt
+        from quantvla_ros.quant.transforms import duquant
+
+        t = duquant(self.w, self.x.float().abs().amax(dim=0), smooth_alpha=0.5)
+        ref_q, ref_scale = quantize_per_token(t.apply(self.x.float()), 8)
+
+        def check(fn) -> str | None:
+            q, scale = fn()
+            return mismatch("codes", q, ref_q) or mismatch("scales", scale, ref_scale)
+
+        def unfused() -> tuple[torch.Tensor, torch.Tensor]:
+            # As QuantLinear runs a layer on CUDA without fusion: float32 x, the torch transform, quantize_rows.
+            return tq.quantize_rows(t.apply(self.x.float()), 8)
+
+        self.record_pass("A8 transform torch + quant", unfused, check(unfused))
+        steps = (t.smooth, t.rotation1_signs, t.perm, t.rotation2_signs)
+        fused = partial(tt.transform_quantize_rows, self.x, 8, *steps)
+        self.record_pass("A8 transform+quant fused", fused, check(fused))
+
     def run(self) -> None:
         self.baselines()
         for label, w_bits, a_bits in (("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A4", 4, 4)):
-            try:
-                self.ours(label, w_bits, a_bits)
-            except Exception as e:  # one broken kernel must not cost the rest of a scarce GPU run
-                self.failures.append(f"{self.name} {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                print(f"  {self.failures[-1]}")
+            self.guarded(label, partial(self.ours, label, w_bits, a_bits))
+        if self.name in TRANSFORM_SHAPES:
+            self.guarded("transform", self.transform)
+
+    def guarded(self, label: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # one broken kernel must not cost the rest of a scarce GPU run
+            self.failures.append(f"{self.name} {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"  {self.failures[-1]}")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -219,18 +273,22 @@ def print_table(rows: list[dict]) -> None:
     )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        dims = f"{r['M']}x{r['K']}x{r['N']}"
+        dims = f"{r['M']}x{r['K']}" + ("" if r["N"] is None else f"x{r['N']}")
         flag = "" if r["check"] == "ok" else "  FAIL " + r["check"]
         graph = "-" if r["us_graph"] is None else f"{r['us_graph']:.1f}"
         graph_ratio = "-" if r["vs_bf16_graph"] is None else f"{r['vs_bf16_graph']:.2f}"
+        tops = "-" if r["TOPs"] is None else f"{r['TOPs']:.0f}"
+        peak = "-" if r["compute_frac"] is None else f"{100 * r['compute_frac']:.0f}"
         print(
             f"{r['shape']:<22}{dims:>19}  {r['method']:<30}{r['us']:>8.1f}{r['vs_bf16']:>8.2f}"
             f"{graph:>9}{graph_ratio:>8}"
-            f"{r['TOPs']:>7.0f}{100 * r['compute_frac']:>6.0f}{r['TBps']:>6.2f}{100 * r['bandwidth_frac']:>5.0f}{flag}"
+            f"{tops:>7}{peak:>6}{r['TBps']:>6.2f}{100 * r['bandwidth_frac']:>5.0f}{flag}"
         )
     print(
         "us: eager, L2 flushed; graph us: CUDA graph replay. TOP/s, TB/s from the eager time; %peak: of the 8192³\n"
-        "int8 _int_mm (integer kernels) or bf16 GEMM (bf16); %bw: of device-to-device copy bandwidth."
+        "int8 _int_mm (integer kernels) or bf16 GEMM (bf16); %bw: of device-to-device copy bandwidth.\n"
+        "M x K rows: the input transform + activation quantization alone (x bf16: the shape's bf16 GEMM time over\n"
+        "this row's; TB/s counts bf16 in and int8 out only)."
     )
 
 

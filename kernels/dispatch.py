@@ -1,7 +1,10 @@
 """One entry point for a quantized linear layer: Triton kernels on CUDA, the exact reference elsewhere.
 
 Both paths compute the same thing (reference.scaled_int_matmul's semantics); the Triton one
-differs only by float32 rounding in the epilogue.
+differs only by float32 rounding in the epilogue. On the Triton path the layer's input transform
+(smoothing, Hadamard-sign rotations, permutation) can run fused with the activation quantization
+(triton_transform), so a layer is two launches: at M ≈ 50 the ~20 small torch kernels of each
+rotation would otherwise cost more than the GEMM.
 """
 
 import functools
@@ -27,19 +30,30 @@ class QuantizedLayer(Protocol):
     w_bits: int  # 4 or 8
     a_bits: int  # 4 or 8
     group_size: int | None
+    # The input transform's steps, read only with fuse_transform=True; a layer may lack any of them.
+    input_smooth: torch.Tensor  # float32 [K]
+    input_rotation1_signs: torch.Tensor  # int8 [K / b, b] of ±1
+    input_perm: torch.Tensor  # int64 [K]
+    input_rotation2_signs: torch.Tensor  # int8 [K / b, b]
+    input_rotation1: torch.Tensor  # dense float32 [K / b, b, b]: not fused
+    input_rotation2: torch.Tensor
+
+
+# triton_transform.transform_quantize_rows' arguments, in its order.
+_FUSED_STEPS = ("smooth", "rotation1_signs", "perm", "rotation2_signs")
 
 
 @functools.cache
-def _triton_modules() -> tuple[ModuleType, ModuleType] | None:
+def _triton_modules() -> tuple[ModuleType, ModuleType, ModuleType] | None:
     # Imported on first CUDA use only: CPU machines (and robots without triton) never need it.
     try:
-        from . import triton_gemm, triton_quant
+        from . import triton_gemm, triton_quant, triton_transform
     except ModuleNotFoundError as e:
         if e.name != "triton":
             raise
         warnings.warn(f"{e} CUDA layers use the exact reference GEMM instead.", stacklevel=3)
         return None
-    return triton_quant, triton_gemm
+    return triton_quant, triton_transform, triton_gemm
 
 
 def _triton_supports(layer: QuantizedLayer) -> bool:
@@ -52,11 +66,27 @@ def uses_triton(x: torch.Tensor, layer: QuantizedLayer) -> bool:
     return x.is_cuda and _triton_supports(layer) and _triton_modules() is not None
 
 
-def quantized_matmul(x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dtype) -> torch.Tensor:
+def fuses_transform(x: torch.Tensor, layer: QuantizedLayer) -> bool:
+    """Whether quantized_matmul(x, layer, out_dtype, fuse_transform=True) can run.
+
+    It needs the Triton path, integer activations and no dense rotation blocks: smoothing,
+    Hadamard-sign rotations and a permutation fuse, the "svd" option's dense blocks do not.
+    """
+    if layer.a_bits not in (4, 8) or not uses_triton(x, layer):
+        return False
+    return getattr(layer, "input_rotation1", None) is None and getattr(layer, "input_rotation2", None) is None
+
+
+def quantized_matmul(
+    x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dtype, fuse_transform: bool = False
+) -> torch.Tensor:
     """x float [M, K] -> quantize activations (per token, or static per channel) -> integer GEMM -> [M, N] out_dtype.
 
     CUDA tensors go through the Triton kernels (when triton is installed and the layer's
     group_size is a power of two >= 32); everything else through the exact reference.
+    fuse_transform: x is the layer's input before its transform (input_smooth, input_rotation1_signs,
+    input_perm, input_rotation2_signs, those it has), which runs fused with the quantization; only
+    where fuses_transform(x, layer) says so.
     """
     if layer.a_bits not in (4, 8) or layer.w_bits not in (4, 8):
         raise ValueError(
@@ -65,8 +95,13 @@ def quantized_matmul(x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dt
         )
     if x.dim() != 2 or x.shape[1] != layer.in_features:
         raise ValueError(f"quantized_matmul: x must be [M, {layer.in_features}], got shape {tuple(x.shape)}.")
+    if fuse_transform and not fuses_transform(x, layer):
+        raise ValueError(
+            "quantized_matmul: fuse_transform=True needs the Triton path and no dense rotations "
+            "(see fuses_transform); apply the layer's input transform to x first instead."
+        )
     if uses_triton(x, layer):
-        return _triton_matmul(x, layer, out_dtype)
+        return _triton_matmul(x, layer, out_dtype, fuse_transform)
     if layer.input_scale is None:
         a_q, a_scale = quantize_per_token(x, layer.a_bits)
     else:
@@ -75,12 +110,18 @@ def quantized_matmul(x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dt
     return scaled_int_matmul(a_q, a_scale, w_q, layer.weight_scale, layer.group_size, layer.bias, out_dtype)
 
 
-def _triton_matmul(x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dtype) -> torch.Tensor:
+def _triton_matmul(
+    x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dtype, fuse_transform: bool = False
+) -> torch.Tensor:
     modules = _triton_modules()
     if modules is None:
         raise ModuleNotFoundError("quantized_matmul: the Triton path needs triton, which is not installed.")
-    triton_quant, triton_gemm = modules
-    a_q, a_scale = triton_quant.quantize_rows(x, layer.a_bits, layer.input_scale)
+    triton_quant, triton_transform, triton_gemm = modules
+    steps = [getattr(layer, f"input_{n}", None) for n in _FUSED_STEPS] if fuse_transform else []
+    if any(t is not None for t in steps):
+        a_q, a_scale = triton_transform.transform_quantize_rows(x, layer.a_bits, *steps, layer.input_scale)
+    else:
+        a_q, a_scale = triton_quant.quantize_rows(x, layer.a_bits, layer.input_scale)
     return triton_gemm.scaled_int_gemm(
         a_q, a_scale, layer.weight_packed, layer.weight_scale, layer.w_bits, layer.group_size, layer.bias, out_dtype
     )

@@ -7,7 +7,8 @@ int8), weight_scale (float32 [N] or [N, K / group_size]), weight_shape (int64 [N
 transform's steps as input_<step>: input_smooth, input_perm, and each rotation as Hadamard signs
 (input_rotation1_signs, int8 [K / b, b]) or dense blocks (input_rotation1, float32 [K / b, b, b]).
 
-forward: x -> transform (float32) -> activation quantization -> integer GEMM -> x's dtype.
+forward: x -> transform (float32) -> activation quantization -> integer GEMM -> x's dtype; on the
+Triton path the transform (unless it has dense rotation blocks) and the quantization are one kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_kernels import pack_int4, quantized_matmul, unpack_int4
+from quantvla_kernels import fuses_transform, pack_int4, quantized_matmul, unpack_int4
 from quantvla_ros.quant.activations import ActivationQuantizer
 from quantvla_ros.quant.transforms import InputTransform
 from quantvla_ros.quant.weights import (
@@ -198,11 +199,16 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: input must be [..., {self.in_features}], got shape {tuple(x.shape)}.")
-        x2d = x.reshape(-1, self.in_features).float()
-        transform = self.transform
-        if transform is not None:
-            x2d = transform.apply(x2d)
-        y = _quantized_matmul(x2d, self, x.dtype)
+        x2d = x.reshape(-1, self.in_features)
+        if fuses_transform(x2d, self):
+            # x as it comes, in its own dtype: the kernel reads it once and does all of the float32 math.
+            y = quantized_matmul(x2d, self, x.dtype, fuse_transform=True)
+        else:
+            x2d = x2d.float()
+            transform = self.transform
+            if transform is not None:
+                x2d = transform.apply(x2d)
+            y = _quantized_matmul(x2d, self, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
