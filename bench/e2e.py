@@ -14,13 +14,13 @@ Variants, all in one run on one card (float32 instead of bf16 on the CPU):
     W4A8 optimized    the same engine over the QuantVLA layout (every LLM Linear and the action
     W4A4 optimized    expert's MLPs) as QuantLinears with dynamic per-token activations
 
-The quantized variants are built without calibration data: `quantize_` with the `rtn` method,
-which is the QuantVLA layout with round-to-nearest weights, transform "none", atm=False,
-ohb=False. That is the right model for a speed benchmark on random weights: ATM's α and OHB's β
-fold into existing weights and cost nothing at run time, and activation statistics only change
-values, not work. The one thing it leaves out is the DuQuant-style input transform of the full
-method (a block-Hadamard rotation of each quantized layer's input at run time), whose cost is
-therefore not in these figures.
+The quantized variants are built without calibration data: `quantize_` with the `quantvla`
+method minus what needs data — the QuantVLA layout, MSE-clipped weights, and the DuQuant-style
+input transform of each quantized layer (block-Hadamard rotations with signs and the zigzag
+permutation, applied at run time by the fused transform+quantize kernel on CUDA) without its
+smoothing, and atm=False, ohb=False. That is the full method's run-time work on random weights:
+ATM's α and OHB's β fold into existing weights and cost nothing at run time, and smoothing is one
+division inside the same fused kernel; calibration data only changes values, not work.
 
 Per variant: median milliseconds over --runs after --warmup of each stage (vision: SigLIP,
 projector and prompt embedding; prefix: the LLM pass that fills the K/V cache, for GR00T also
@@ -431,7 +431,15 @@ def main() -> None:
             layout = LAYOUTS[entry.quantized_layout]
             memory = memory or layout_memory(model, layout, w_bits=4)
             if quant is not None:
-                config = method_config("rtn", layout=layout, w_bits=quant[0], a_bits=quant[1])
+                config = method_config(
+                    "quantvla",
+                    layout=layout,
+                    w_bits=quant[0],
+                    a_bits=quant[1],
+                    atm=False,
+                    ohb=False,
+                    duquant_smoothing=False,
+                )
                 quantize_(model, config, progress=False)
         batch = entry.inputs(cfg, device)
         label = name if quant else f"{float_name} {name}"

@@ -76,7 +76,8 @@ class QuantConfig:
 
     @property
     def needs_activation_stats(self) -> bool:
-        return self.transform != "none"
+        # Smoothing divides by calibrated input ranges; DuQuant's rotations alone come from the weights.
+        return self.transform == "smoothquant" or (self.transform == "duquant" and self.duquant_smoothing)
 
     @property
     def needs_buffer(self) -> bool:

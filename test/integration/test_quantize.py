@@ -120,6 +120,10 @@ def test_methods_that_calibrate_refuse_to_run_without_data(float_path):
     policy = load_policy(float_path)
     with pytest.raises(ValueError, match="pass a non-empty calibration buffer"):
         quantize_(policy.model, method_config("quantvla"), None, progress=False)
+    # DuQuant's rotations without smoothing come from the weights alone: no data needed.
+    data_free = method_config("quantvla", atm=False, ohb=False, duquant_smoothing=False)
+    record = quantize_(policy.model, data_free, None, progress=False)
+    assert record.modules and all("rotation1_signs" in spec["transform_kind"] for spec in record.modules.values())
 
 
 def test_cli_quantize_layout_and_fidelity(float_path, buffer_file, tmp_path, capsys):
