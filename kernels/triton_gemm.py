@@ -164,11 +164,14 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return list(kept.values())
 
 
-# The autotuner times configs on the GPU, so the interpreter gets one small fixed config.
+# The autotuner times configs on the GPU, so the interpreter gets one small fixed config. Its
+# choices are kept on disk, so a policy's first inference after the first start (and every
+# benchmark after bench/gemm.py on the same machine) skips the minutes of tuning.
 _tuned = triton.autotune(
     configs=_configs(),
     key=["M", "N", "K", "W4", "GROUP", "RAW", "SPLIT_K"],
     prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(_gemm_kernel)
 _INTERPRETER_CONFIG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
 _MIN_TILE = (16, 32)  # smallest BM, BN of any config above: sizes the split-K counters
