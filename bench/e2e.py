@@ -3,14 +3,16 @@
     python bench/e2e.py --json bench/e2e.json        # full-size π0.5 on the GPU, random weights
     python bench/e2e.py --config small                # a small π0.5 with the real input shapes, runs on the CPU
     python bench/e2e.py --model groot                 # full-size GR00T N1.5 on the GPU (--config small: CPU)
+    python bench/e2e.py --model smolvla               # full-size SmolVLA on the GPU (--config small: CPU)
 
 Full size, batch 1: π0.5 with 3 cameras at 224 px, 200 prompt slots, horizon 50, 10 Euler steps;
-GR00T N1.5 with 1 camera at 224 px, its 392-slot prompt budget, horizon 16, 4 Euler steps.
+GR00T N1.5 with 1 camera at 224 px, its 392-slot prompt budget, horizon 16, 4 Euler steps;
+SmolVLA with 3 cameras at 512 px, 48 prompt slots, horizon 50, 10 Euler steps.
 Variants, all in one run on one card (float32 instead of bf16 on the CPU):
 
-    bf16 eager        the model's own sample_actions (PI0Model, GR00TN15Model)
-    bf16 optimized    its engine (PI0Engine, GR00TEngine): precomputed timestep schedule, static
-                      buffers, a CUDA graph per stage
+    bf16 eager        the model's own sample_actions (PI0Model, GR00TN15Model, SmolVLAModel)
+    bf16 optimized    its engine (PI0Engine, GR00TEngine, SmolVLAEngine): precomputed timestep
+                      schedule, static buffers, a CUDA graph per stage
     W4A8 optimized    the same engine over the QuantVLA layout (every LLM Linear and the action
     W4A4 optimized    expert's MLPs) as QuantLinears with dynamic per-token activations
 
@@ -23,8 +25,9 @@ ATM's α and OHB's β fold into existing weights and cost nothing at run time, a
 division inside the same fused kernel; calibration data only changes values, not work.
 
 Per variant: median milliseconds over --runs after --warmup of each stage (vision: SigLIP,
-projector and prompt embedding; prefix: the LLM pass that fills the K/V cache, for GR00T also
-vlln, the VL self-attention and the DiT's cross-attention K/V; denoise: all expert steps),
+projector and prompt embedding, for SmolVLA also the state token; prefix: the LLM pass that
+fills the K/V cache, for GR00T also vlln, the VL self-attention and the DiT's cross-attention
+K/V, for SmolVLA also the expert's cross-attention K/V; denoise: all expert steps),
 timed with a device sync after each stage, and of the whole call timed on its own; peak GPU
 memory (max_memory_allocated, reset before each variant, weights included).
 Ratios are against bf16 eager and bf16 optimized from the same run. The floor of each stage is
@@ -51,11 +54,14 @@ from torch import nn
 
 from quantvla_ros.engine.groot_engine import GR00TEngine
 from quantvla_ros.engine.pi0_engine import PI0Engine
+from quantvla_ros.engine.smolvla_engine import SmolVLAEngine
 from quantvla_ros.models.config import PI0Config, SiglipConfig, pi05_full, small_pi05
 from quantvla_ros.models.groot import CategorySpecificLinear, GR00TN15Model
 from quantvla_ros.models.groot_config import GR00TConfig, TransformerConfig, groot_n15_full, prompt_budget
 from quantvla_ros.models.pi0 import PI0Model
 from quantvla_ros.models.qwen3 import Qwen3Config
+from quantvla_ros.models.smolvla import SmolVLAModel
+from quantvla_ros.models.smolvla_config import SmolLMConfig, SmolVLAConfig, SmolVLMConfig, smolvla_full
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.quant.linear import QuantLinear
@@ -310,6 +316,99 @@ def build_groot(cfg: GR00TConfig, dtype: torch.dtype) -> GR00TN15Model:
     return GR00TN15Model(cfg).set_dtype(dtype).eval()
 
 
+# ---- SmolVLA ----------------------------------------------------------------------------
+def small_smolvla() -> SmolVLAConfig:
+    """A few-million-parameter SmolVLA with every real input shape (3 cameras at 512 px, 48 prompt slots)."""
+    vlm = SmolVLMConfig(
+        vision=SiglipConfig(image_size=512, patch_size=16, width=96, depth=4, num_heads=4, mlp_dim=384),
+        text=SmolLMConfig(width=128, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32),
+        scale_factor=4,
+        vocab_size=1024,
+    )
+    return SmolVLAConfig(vlm=vlm, num_vlm_layers=4)
+
+
+def smolvla_inputs(cfg: SmolVLAConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    size, cams = cfg.image_size, len(cfg.camera_names)
+    with device:
+        return dict(
+            images=torch.rand(1, cams, 3, size, size) * 2 - 1,
+            image_masks=torch.ones(1, cams, dtype=torch.bool),
+            tokens=torch.randint(0, cfg.vlm.vocab_size, (1, cfg.max_token_len)),
+            token_masks=torch.ones(1, cfg.max_token_len, dtype=torch.bool),
+            state=torch.zeros(1, cfg.max_state_dim),
+            noise=torch.randn(1, cfg.action_horizon, cfg.action_dim),
+        )
+
+
+def smolvla_stages(model: SmolVLAModel, batch: dict, optimized: bool, compile: bool):
+    # SmolVLA's state is the prefix's last token, so the vision stage embeds it.
+    prefix_inputs = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], batch["state"])
+    if optimized:
+        engine = SmolVLAEngine(model, compile=compile)
+        stages = {
+            "vision": lambda: engine.embed(*prefix_inputs),
+            "prefix": engine.prefix,
+            "denoise": lambda: engine.denoise(batch["noise"]),
+        }
+        return stages, lambda: engine.sample_actions(**batch)
+    held: dict = {}
+
+    def vision() -> None:
+        held["prefix"] = model.embed_prefix(*prefix_inputs)
+
+    def prefix() -> None:
+        held["context"] = model.expert_context(model.compute_prefix_kv(*held["prefix"]))
+
+    @torch.no_grad()
+    def denoise() -> None:
+        n, x_t = model.cfg.num_steps, batch["noise"]
+        for step in range(n):
+            t = torch.full((1,), 1.0 - step / n, device=x_t.device)
+            x_t = x_t - model.velocity_cached(held["prefix"][1], held["context"], x_t, t) / n
+
+    return {"vision": torch.no_grad()(vision), "prefix": torch.no_grad()(prefix), "denoise": denoise}, (
+        lambda: model.sample_actions(**batch)
+    )
+
+
+def smolvla_costs(model: SmolVLAModel, batch: dict) -> dict[str, Cost]:
+    cfg, (b, cams) = model.cfg, batch["images"].shape[:2]
+    vis, text, width = cfg.vlm.vision, cfg.text, cfg.expert.width
+    vlm = model.vlm
+    images, patches, per_image = b * cams, vis.num_patches, cfg.vlm.tokens_per_image
+    conv = vlm.vision_model.embeddings.patch_embedding
+    vision = linear_cost(linears(vlm.vision_model), images * patches)
+    vision += linear_cost(linears(vlm.connector), images * per_image) + linear_cost([model.state_proj], b)
+    vision += Cost(2 * images * patches * conv.weight.numel(), conv.weight.numel() * conv.weight.element_size())
+    vision += Cost(vis.depth * images * 4 * patches**2 * vis.width)
+    p, s = cams * per_image + batch["tokens"].shape[1] + 1, cfg.action_horizon
+    heads = text.num_heads * text.head_dim
+    # The last text layer's output is never read: its o_proj and MLP do not run.
+    last = model.llm.layers[-1]
+    unused = [last.self_attn.o_proj, *linears(last.mlp)]
+    prefix = linear_cost([m for m in linears(model.llm) if m not in unused], b * p)
+    prefix += Cost(text.depth * b * 4 * p * p * heads)
+    # The cross layers' k/v_proj re-project the prefix K/V once per inference, not per step.
+    cross = [layer.self_attn for i, layer in enumerate(model.expert.layers) if cfg.is_cross_layer(i)]
+    cross_kv = [proj for attn in cross for proj in (attn.k_proj, attn.v_proj)]
+    prefix += linear_cost(cross_kv, b * p)
+    step = linear_cost([m for m in linears(model.expert) if m not in cross_kv], b * s)
+    step += linear_cost([model.action_in_proj, model.action_out_proj, model.action_time_mlp_out], b * s)
+    # action_time_mlp_in's time half is in the engine's schedule: only its action half runs.
+    action_half = model.action_time_mlp_in.weight[:, :width]
+    step += Cost(2 * b * s * action_half.numel(), action_half.numel() * action_half.element_size())
+    itemsize = model.compute_dtype.itemsize
+    for i in range(cfg.expert.depth):
+        keys = p if cfg.is_cross_layer(i) else p + s
+        step += Cost(4 * b * s * keys * heads, 2 * b * text.num_kv_heads * keys * text.head_dim * itemsize)
+    return {"vision": vision, "prefix": prefix, "denoise": step * cfg.num_steps}
+
+
+def build_smolvla(cfg: SmolVLAConfig, dtype: torch.dtype) -> SmolVLAModel:
+    return SmolVLAModel(cfg).set_dtype(dtype).eval()
+
+
 MODELS = {
     "pi05": ModelEntry(
         configs={
@@ -328,6 +427,14 @@ MODELS = {
         inputs=groot_inputs,
         stages=groot_stages,
         costs=groot_costs,
+        quantized_layout="quantvla",
+    ),
+    "smolvla": ModelEntry(
+        configs={"full": smolvla_full, "small": small_smolvla},
+        build=build_smolvla,
+        inputs=smolvla_inputs,
+        stages=smolvla_stages,
+        costs=smolvla_costs,
         quantized_layout="quantvla",
     ),
 }
