@@ -1,6 +1,6 @@
 """`load_policy(path)`: a float checkpoint folder or a quantized artifact, as one `Policy`,
-run by the family's inference engine where it has one (static buffers, precomputed timestep
-schedule, CUDA graphs on the GPU)."""
+run on CUDA by the family's inference engine (static buffers, precomputed timestep schedule,
+CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import torch
 
 from quantvla_ros.engine.groot_engine import GR00TEngine
 from quantvla_ros.engine.pi0_engine import PI0Engine
+from quantvla_ros.engine.smolvla_engine import SmolVLAEngine
 from quantvla_ros.models.policy import Policy, default_dtype, load_float_policy
 from quantvla_ros.quant.artifact import is_artifact, load_artifact
 
-# family -> engine class; families without one run their model eagerly
-ENGINES = {"pi0": PI0Engine, "groot_n1_5": GR00TEngine}
-ENGINE_MODES = ("auto", "on", "off")  # auto = on CUDA where the family has an engine
+# Every family has an engine; a new family registers its own here.
+ENGINES = {"pi0": PI0Engine, "groot_n1_5": GR00TEngine, "smolvla": SmolVLAEngine}
+ENGINE_MODES = ("auto", "on", "off")  # auto = on CUDA
 
 
 def load_policy(
@@ -40,9 +41,6 @@ def load_policy(
 
 def use_engine(policy: Policy, engine: str) -> Policy:
     """Run the policy through its family's engine: "on", "off", or "auto" (on CUDA only)."""
-    engine_class = ENGINES.get(policy.model.FAMILY)
-    if engine == "on" and engine_class is None:
-        raise ValueError(f"{policy.model.display_name} has no optimized engine yet; set engine to 'auto' or 'off'.")
-    if engine == "on" or (engine == "auto" and engine_class is not None and policy.device.type == "cuda"):
-        policy.sampler = engine_class(policy.model)
+    if engine == "on" or (engine == "auto" and policy.device.type == "cuda"):
+        policy.sampler = ENGINES[policy.model.FAMILY](policy.model)
     return policy

@@ -25,13 +25,12 @@ attention_observer is not called (calibration runs the plain model).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from quantvla_ros.engine.graphs import StageGraphs
+from quantvla_ros.engine.staged import StagedEngine
 from quantvla_ros.models.gemma import attention_bias
 from quantvla_ros.models.groot import Attention, DiT, GR00TN15Model, action_time_encoding
 
@@ -71,25 +70,13 @@ def _attend(
     return attn.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
 
-class GR00TEngine:
+class GR00TEngine(StagedEngine):
     """A drop-in for GR00TN15Model.sample_actions over one loaded model (see the module docstring)."""
 
     def __init__(self, model: GR00TN15Model, cuda_graphs: bool = True, compile: bool = False) -> None:
-        self.model = model.eval()
-        self.cfg = model.cfg
-        self.dtype = model.compute_dtype
-        self.device = model.device
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.buffers: StaticBuffers | None = None
-        self.graphs = StageGraphs(self.cuda_graphs)
-        self._schedules: dict[int, Schedule] = {}
-        cross = [i for i in range(self.cfg.dit.depth) if DiT.is_cross(i)]
+        cross = [i for i in range(model.cfg.dit.depth) if DiT.is_cross(i)]
         self._cross_slot = {block: slot for slot, block in enumerate(cross)}
-        wrap = functools.partial(torch.compile, dynamic=False) if compile else (lambda fn: fn)
-        self._embed_stage = wrap(self._embed_stage)
-        self._prefix_stage = wrap(self._prefix_stage)
-        self._denoise_stage = wrap(self._denoise_stage)
-        self.schedule(self.cfg.num_steps)
+        super().__init__(model, cuda_graphs, compile)
 
     # ---- public API ------------------------------------------------------------------
     @torch.no_grad()
@@ -123,12 +110,6 @@ class GR00TEngine:
         self.graphs.run("embed", self._embed_stage)
 
     @torch.no_grad()
-    def prefix(self) -> None:
-        """Qwen3, vlln and the VL self-attention over the embedded prompt; fills the cross-attention K/V."""
-        self._require_buffers("prefix")
-        self.graphs.run("prefix", self._prefix_stage)
-
-    @torch.no_grad()
     def denoise(self, state: torch.Tensor, noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
         """All Euler steps of the DiT over the cached VL tokens; [B, H, action_dim] fp32."""
         buf = self._require_buffers("denoise")
@@ -139,17 +120,7 @@ class GR00TEngine:
         buf.state.copy_(state)
         buf.noise.copy_(noise)
         schedule = self.schedule(num_steps or self.cfg.num_steps)
-        self.graphs.run(("denoise", schedule.num_steps), functools.partial(self._denoise_stage, schedule))
-        return buf.actions.clone()
-
-    @torch.no_grad()
-    def schedule(self, num_steps: int) -> Schedule:
-        """The precomputed schedule of an n-step integration (computed on first use, then kept)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-        if num_steps not in self._schedules:
-            self._schedules[num_steps] = self._compute_schedule(num_steps)
-        return self._schedules[num_steps]
+        return self._run_denoise(schedule)
 
     # ---- setup -----------------------------------------------------------------------
     def _compute_schedule(self, n: int) -> Schedule:
@@ -166,37 +137,19 @@ class GR00TEngine:
         action_time = action_time_encoding(tau, width) @ encoder.W2.W[e, width:] + encoder.W2.b[e]
         return Schedule(n, modulations, dit.output_modulation(temb), action_time)
 
-    def _require_buffers(self, stage: str) -> StaticBuffers:
-        if self.buffers is None:
-            raise RuntimeError(f"GR00TEngine.{stage}() needs the prompt; call embed() (and prefix()) first.")
-        return self.buffers
-
     def _buffers_for(
         self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_masks: torch.Tensor
     ) -> StaticBuffers:
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [batch, cameras, 3, height, width], got shape {tuple(images.shape)}.")
-        b, c = images.shape[:2]
-        if tuple(image_masks.shape) != (b, c):
-            raise ValueError(f"image_masks must be [{b}, {c}] to match images, got shape {tuple(image_masks.shape)}.")
-        if tokens.dim() != 2 or tokens.shape[0] != b:
-            raise ValueError(f"tokens must be [{b}, prompt length] to match images, got shape {tuple(tokens.shape)}.")
-        if token_masks.shape != tokens.shape:
-            raise ValueError(
-                f"token_masks must have the shape of tokens {list(tokens.shape)}, got {tuple(token_masks.shape)}."
-            )
+        buf = super()._buffers_for(images, image_masks, tokens, token_masks)
         # The merge in the vision stage gathers without counting, so the count is checked here, before it.
+        cameras = images.shape[1]
         per_row = (tokens == self.cfg.image_token_id).sum(dim=1)
-        want = c * self.cfg.tokens_per_image
+        want = cameras * self.cfg.tokens_per_image
         if bool((per_row != want).any()):
             raise ValueError(
-                f"Each prompt needs {want} <IMG_CONTEXT> tokens for {c} image(s), got {per_row.tolist()}; "
+                f"Each prompt needs {want} <IMG_CONTEXT> tokens for {cameras} image(s), got {per_row.tolist()}; "
                 "build the prompt with this checkpoint's processor."
             )
-        buf = self.buffers
-        if buf is None or buf.images.shape != images.shape or buf.tokens.shape != tokens.shape:
-            self.buffers = buf = self._allocate(tuple(images.shape), tokens.shape[1])
-            self.graphs = StageGraphs(self.cuda_graphs)
         return buf
 
     def _allocate(self, image_shape: tuple[int, ...], prompt_len: int) -> StaticBuffers:

@@ -25,14 +25,13 @@ plain model).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_ros.engine.graphs import StageGraphs
+from quantvla_ros.engine.staged import StagedEngine
 from quantvla_ros.models.gemma import (
     AdaRMSNorm,
     RMSNorm,
@@ -85,25 +84,13 @@ def _norm(
     return norm(x) if modulation is None else norm.modulate(x, modulation)
 
 
-class PI0Engine:
+class PI0Engine(StagedEngine):
     """A drop-in for PI0Model.sample_actions over one loaded model (see the module docstring)."""
 
     def __init__(self, model: PI0Model, cuda_graphs: bool = True, compile: bool = False) -> None:
-        self.model = model.eval()
-        self.cfg = model.cfg
-        self.dtype = model.compute_dtype
-        self.device = model.device
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.buffers: StaticBuffers | None = None
-        self.graphs = StageGraphs(self.cuda_graphs)
-        self._schedules: dict[int, Schedule] = {}
         # A quantized action_time_mlp_in scales each fused row as a whole, so only a float one splits.
-        self._split_time = not self.cfg.pi05 and type(model.action_time_mlp_in) is nn.Linear
-        wrap = functools.partial(torch.compile, dynamic=False) if compile else (lambda fn: fn)
-        self._embed_stage = wrap(self._embed_stage)
-        self._prefix_stage = wrap(self._prefix_stage)
-        self._denoise_stage = wrap(self._denoise_stage)
-        self.schedule(self.cfg.num_steps)
+        self._split_time = not model.cfg.pi05 and type(model.action_time_mlp_in) is nn.Linear
+        super().__init__(model, cuda_graphs, compile)
 
     # ---- public API ------------------------------------------------------------------
     @torch.no_grad()
@@ -135,12 +122,6 @@ class PI0Engine:
         self.graphs.run("embed", self._embed_stage)
 
     @torch.no_grad()
-    def prefix(self) -> None:
-        """The LLM pass over the embedded prefix: fills the K/V cache and the suffix's bias and RoPE tables."""
-        self._require_buffers("prefix")
-        self.graphs.run("prefix", self._prefix_stage)
-
-    @torch.no_grad()
     def denoise(self, state: torch.Tensor, noise: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
         """All Euler steps of the action expert over the cached prefix; [B, H, action_dim] fp32."""
         buf = self._require_buffers("denoise")
@@ -156,17 +137,7 @@ class PI0Engine:
             buf.state.copy_(state)
         buf.noise.copy_(noise)
         schedule = self.schedule(num_steps or self.cfg.num_steps)
-        self.graphs.run(("denoise", schedule.num_steps), functools.partial(self._denoise_stage, schedule))
-        return buf.actions.clone()
-
-    @torch.no_grad()
-    def schedule(self, num_steps: int) -> Schedule:
-        """The precomputed schedule of an n-step integration (computed on first use, then kept)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-        if num_steps not in self._schedules:
-            self._schedules[num_steps] = self._compute_schedule(num_steps)
-        return self._schedules[num_steps]
+        return self._run_denoise(schedule)
 
     # ---- setup -----------------------------------------------------------------------
     def _compute_schedule(self, n: int) -> Schedule:
@@ -185,31 +156,6 @@ class PI0Engine:
             mlp_in = m.action_time_mlp_in
             time_emb = F.linear(time_emb, mlp_in.weight[:, width:], mlp_in.bias)
         return Schedule(n, None, time_emb)
-
-    def _require_buffers(self, stage: str) -> StaticBuffers:
-        if self.buffers is None:
-            raise RuntimeError(f"PI0Engine.{stage}() needs the prefix; call embed() (and prefix()) first.")
-        return self.buffers
-
-    def _buffers_for(
-        self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_masks: torch.Tensor
-    ) -> StaticBuffers:
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [batch, cameras, 3, height, width], got shape {tuple(images.shape)}.")
-        b, c = images.shape[:2]
-        if tuple(image_masks.shape) != (b, c):
-            raise ValueError(f"image_masks must be [{b}, {c}] to match images, got shape {tuple(image_masks.shape)}.")
-        if tokens.dim() != 2 or tokens.shape[0] != b:
-            raise ValueError(f"tokens must be [{b}, prompt length] to match images, got shape {tuple(tokens.shape)}.")
-        if token_masks.shape != tokens.shape:
-            raise ValueError(
-                f"token_masks must have the shape of tokens {list(tokens.shape)}, got {tuple(token_masks.shape)}."
-            )
-        buf = self.buffers
-        if buf is None or buf.images.shape != images.shape or buf.tokens.shape != tokens.shape:
-            self.buffers = buf = self._allocate(tuple(images.shape), tokens.shape[1])
-            self.graphs = StageGraphs(self.cuda_graphs)
-        return buf
 
     def _allocate(self, image_shape: tuple[int, ...], prompt_len: int) -> StaticBuffers:
         cfg, dev, dtype = self.cfg, self.device, self.dtype

@@ -91,7 +91,7 @@ def test_engine_matches_plain_quantized_model(model):
 def test_stage_misuse_gives_clear_errors(model):
     engine = GR00TEngine(model)
     batch = inputs()
-    with pytest.raises(RuntimeError, match=r"denoise\(\) needs the prompt; call embed\(\)"):
+    with pytest.raises(RuntimeError, match=r"denoise\(\) needs the prefix; call embed\(\)"):
         engine.denoise(batch["state"], batch["noise"])
     prompt = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
     engine.embed(*prompt)
