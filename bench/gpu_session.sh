@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Everything this project still has to measure on a GPU, as one call of a lent H100/H200:
 #
-#     bash bench/gpu_session.sh [gemm] [e2e] [groot]    # default: gemm e2e
+#     bash bench/gpu_session.sh [gemm] [e2e] [groot] [smolvla]    # default: gemm e2e
 #
 # A lease gives 15 device minutes and one command at most 10: run `gemm e2e` (under 9.5
-# minutes) with the device tool's timeout_s=600, then `groot` (under 4) while the card is warm.
+# minutes) with the device tool's timeout_s=600, then `groot` (under 4) while the card is warm;
+# `smolvla` when a later lease has room.
 # gemm   bench/gemm.py: every Triton kernel checked against the exact reference on the card,
 #        then timed against cuBLAS bf16, torch._int_mm and fp8 _scaled_mm (issue #4's targets)
 # e2e    bench/e2e.py: full-size π0.5, bf16 eager vs the engine, float vs QuantVLA W4A8/W4A4 (#8)
 # groot  bench/e2e.py --model groot: full-size GR00T N1.5, the same variants (#8)
+# smolvla  bench/e2e.py --model smolvla: full-size SmolVLA, the same variants
 #
 # The machine has torch, Triton and the rest (see .library/device/KINDS.md) but not this
 # package: it runs from the source tree, `quantvla_kernels` through a link to kernels/. Do not
@@ -34,7 +36,8 @@ for step in "${steps[@]}"; do
         gemm) timeout 300 python3 bench/gemm.py --json "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" ;;
         e2e) timeout 260 python3 bench/e2e.py --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" ;;
         groot) timeout 200 python3 bench/e2e.py --model groot --json "$OUT/e2e_groot.json" 2>&1 | tee "$OUT/e2e_groot.log" ;;
-        *) echo "unknown step $step: use gemm, e2e or groot" >&2; exit 2 ;;
+        smolvla) timeout 200 python3 bench/e2e.py --model smolvla --json "$OUT/e2e_smolvla.json" 2>&1 | tee "$OUT/e2e_smolvla.log" ;;
+        *) echo "unknown step $step: use gemm, e2e, groot or smolvla" >&2; exit 2 ;;
     esac
     echo "$step exited with $?" | tee -a "$OUT/card.txt"
 done
