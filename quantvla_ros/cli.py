@@ -150,7 +150,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
     if is_artifact(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint} is already a quantized artifact; pass the float checkpoint.")
-    policy = load_float_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype))
+    policy = load_float_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
     buffer = None
     calibration = {}
     if args.calib is not None:
@@ -173,7 +173,7 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     from quantvla_ros.loader import load_policy
     from quantvla_ros.quant.fidelity import fidelity, write_report
 
-    reference = load_policy(args.reference, device=args.device)
+    reference = load_policy(args.reference, device=args.device, asset_id=args.asset_id)
     buffer = load_buffer(args.buffer)
     rows = {}
     for path in args.candidate:
@@ -203,6 +203,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         "artifact": args.artifact,
         "method": args.method,
         "device": args.device,
+        "asset_id": args.asset_id,
     }
     params.update({k: v for k, v in overrides.items() if v is not None})
     run_calibration(params)
@@ -221,7 +222,7 @@ def cmd_eval_sim(args: argparse.Namespace) -> None:
     else:
         from quantvla_ros.loader import load_policy
 
-        policy = load_policy(args.policy, device=args.device)
+        policy = load_policy(args.policy, device=args.device, asset_id=args.asset_id)
         result = evaluate(policy, args.tasks, args.episodes, args.seed, args.execute_steps)
     result["policy"] = args.policy
     table = markdown_table(result)
@@ -237,6 +238,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), args.episodes)
 
 
+# One checkpoint may carry statistics for several robots: openpi's assets/<asset_id>/ folders and
+# GR00T's embodiment tags in experiment_cfg/metadata.json.
+ASSET_HELP = "openpi asset folder or GR00T embodiment tag whose statistics to use (when there are several)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantvla",
@@ -247,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint folder, or a published model at full size")
     info.add_argument("path", help="checkpoint folder, or pi0_full, pi05_full, groot_n1_5_full, smolvla_full")
-    info.add_argument("--asset-id", help="openpi asset folder to read statistics from")
+    info.add_argument("--asset-id", help=ASSET_HELP)
     info.set_defaults(func=cmd_info)
 
     predict = sub.add_parser("predict", help="run a policy once on image files, an instruction and a state")
@@ -257,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--state", required=True, help="comma-separated robot state")
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--dtype", choices=DTYPES)
-    predict.add_argument("--asset-id")
+    predict.add_argument("--asset-id", help=ASSET_HELP)
     predict.add_argument("--seed", type=int, help="fix the sampling noise")
     predict.set_defaults(func=cmd_predict)
 
@@ -304,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--clamp-log", type=float, help="clamp |log α|, |log β| (0.3)")
     quantize.add_argument("--neutral-log", type=float, help="|log| below this sets α, β to 1 (0.03)")
     quantize.add_argument("--device", default="cpu")
+    quantize.add_argument("--asset-id", help=ASSET_HELP)
     quantize.add_argument("--dtype", choices=DTYPES)
     quantize.add_argument("--batch-size", type=int, default=8)
     quantize.add_argument("--seed", type=int, default=0)
@@ -315,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--buffer", required=True, help="calibration-style buffer of observations")
     fid.add_argument("--out", default="build/fidelity", help="folder for JSON, PNG plots and summary.md")
     fid.add_argument("--device", default="cpu")
+    fid.add_argument("--asset-id", help=ASSET_HELP + " (of the reference)")
     fid.add_argument("--batch-size", type=int, default=8)
     fid.set_defaults(func=cmd_fidelity)
 
@@ -329,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--artifact", help="also quantize into this artifact folder")
     calib.add_argument("--method", choices=("quantvla", "rtn", "smoothquant", "duquant"))
     calib.add_argument("--device")
+    calib.add_argument("--asset-id", help=ASSET_HELP)
     calib.set_defaults(func=cmd_calibrate)
 
     from quantvla_ros.sim.tasks import DEFAULT_TASKS, INSTRUCTIONS
@@ -342,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ros", action="store_true", help="through the sim node and the policy node over DDS")
     ev.add_argument("--params-file", help="policy node params for --ros (default config/sim_policy.yaml)")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--asset-id", help=ASSET_HELP + " (in-process runs)")
     ev.add_argument("--out", help="folder for results.json and results.md")
     ev.set_defaults(func=cmd_eval_sim)
 

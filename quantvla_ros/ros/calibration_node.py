@@ -43,7 +43,9 @@ def run_calibration(params: dict, log=print) -> dict:
     """Build the buffer from the bags and, when `artifact` is set, quantize into it."""
     mapping = TopicMapping.from_params(params)
     require(params, ["policy_path", "bags"], "config/calibration.yaml")
-    policy = load_float_policy(params["policy_path"], device=params.get("device", "cpu"))
+    policy = load_float_policy(
+        params["policy_path"], device=params.get("device", "cpu"), asset_id=params.get("asset_id") or None
+    )
     observations, sources = read_observations(
         [Path(b) for b in params["bags"]], mapping, int(params["samples"]), float(params["tolerance"])
     )

@@ -44,6 +44,7 @@ from quantvla_ros.ros.qos import qos_from_string
 # Defaults; a bare type marks a parameter the params file must set.
 PARAMETERS: dict[str, object] = {
     "policy_path": Parameter.Type.STRING,
+    "asset_id": "",
     "device": "cpu",
     "dtype": "",
     "engine": "auto",
@@ -88,7 +89,12 @@ class PolicyNode(Node):
             raise ValueError("Parameters inference_rate, action_dt and max_input_age must be positive.")
         dtype = getattr(torch, p["dtype"]) if p["dtype"] else None
         self.policy: Policy = load_policy(
-            p["policy_path"], device=p["device"], dtype=dtype, action_dt=p["action_dt"], engine=p["engine"]
+            p["policy_path"],
+            device=p["device"],
+            dtype=dtype,
+            asset_id=p["asset_id"] or None,
+            action_dt=p["action_dt"],
+            engine=p["engine"],
         )
         self._check_mapping()
         self.action_dt = p["action_dt"]

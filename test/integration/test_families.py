@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import smolvla_fixtures
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -167,3 +170,44 @@ def test_lerobot_exports_from_before_the_processor_pipelines_load_their_statisti
     obs = observations(family, current, 1)[0]
     eps = noise(current)
     np.testing.assert_allclose(legacy.predict(obs, eps).actions, current.predict(obs, eps).actions, rtol=1e-5)
+
+
+def test_the_embodiment_of_a_multi_robot_groot_checkpoint_is_chosen_everywhere(family_checkpoints, tmp_path, capsys):
+    folder = Path(shutil.copytree(family_checkpoints["groot"], tmp_path / "groot_two_robots"))
+    metadata_file = folder / "experiment_cfg" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    tag = groot_fixtures.TAG
+    metadata_file.write_text(json.dumps({tag: metadata[tag], "gr1": metadata[tag]}))
+
+    args = ["quantize", "--checkpoint", str(folder), "--out", str(tmp_path / "rtn"), "--method", "rtn"]
+    assert main(args) == 2
+    assert "several embodiments" in capsys.readouterr().err
+    assert main([*args, "--asset-id", tag]) == 0
+    artifact = load_policy(tmp_path / "rtn")
+    assert artifact.info.asset_id == tag and artifact.model.cfg.embodiment_id == 2
+
+    cameras = list(artifact.camera_names)
+    params = {
+        "policy_path": str(folder),
+        "asset_id": tag,
+        "camera_names": cameras,
+        "camera_topics": [f"/two_robots/{c}" for c in cameras],
+        "camera_types": ["raw"] * len(cameras),
+        "state_joints": [f"j{i}" for i in range(groot_fixtures.STATE_DIM)],
+        "action_joints": [f"a{i}" for i in range(groot_fixtures.ACTION_DIM)],
+    }
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    node = [
+        str(Path(sys.executable).parent / "policy_node"),
+        "--ros-args",
+        "--params-file",
+        str(tmp_path / "node.yaml"),
+    ]
+    proc = subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The node logs one line once it serves, or one error sentence and exits.
+        first_line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert "Serving" in first_line and str(folder) in first_line
