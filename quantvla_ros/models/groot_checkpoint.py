@@ -110,12 +110,17 @@ def _model_config(
     raw: dict, shapes: dict[str, tuple[int, ...]], cameras: tuple[str, ...], tag: str, image_token_id: int, source: Path
 ) -> GR00TConfig:
     backbone, head = raw.get("backbone_cfg") or {}, raw.get("action_head_cfg") or {}
+    dit, vlsa = head.get("diffusion_model_cfg") or {}, head.get("vl_self_attention_cfg") or {}
+    # Isaac-GR00T's transformer classes default positional_embeddings to "sinusoidal"; N1.5
+    # configs set it to null, and a checkpoint that leaves it on computes something else.
     unsupported = [
         name
         for name, value, plain in (
             ("backbone_cfg.project_to_dim", backbone.get("project_to_dim"), None),
             ("action_head_cfg.use_vlln", head.get("use_vlln", True), True),
             ("action_head_cfg.add_pos_embed", head.get("add_pos_embed", True), True),
+            ("diffusion_model_cfg.positional_embeddings", dit.get("positional_embeddings"), None),
+            ("vl_self_attention_cfg.positional_embeddings", vlsa.get("positional_embeddings"), None),
         )
         if value != plain
     ]
@@ -124,7 +129,6 @@ def _model_config(
             f"{source} sets {', '.join(unsupported)} differently from GR00T N1.5; it is another model."
         )
     vision, text = backbone.get("vision_config") or {}, backbone.get("text_config") or {}
-    dit, vlsa = head.get("diffusion_model_cfg") or {}, head.get("vl_self_attention_cfg") or {}
     v, q, base = SiglipConfig(), Qwen3Config(), GR00TConfig()
     vocab = shapes.get(EMBED_TOKENS, shapes.get(LM_HEAD, (q.vocab_size,)))[0]
     embodiments = int(head.get("max_num_embodiments", base.num_embodiments))

@@ -168,6 +168,16 @@ def test_missing_tokenizer_files_are_clear_errors(checkpoints, tmp_path, name):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("stack", ["diffusion_model_cfg", "vl_self_attention_cfg"])
+def test_a_transformer_with_positional_embeddings_is_another_model(checkpoints, tmp_path, stack):
+    path = copy(checkpoints["nvidia"], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["action_head_cfg"][stack]["positional_embeddings"] = "sinusoidal"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"sets {stack}.positional_embeddings differently from GR00T N1.5"):
+        read_checkpoint(path)
+
+
 def test_a_text_only_chat_template_is_refused_at_load(checkpoints, tmp_path):
     path = copy(checkpoints["lerobot"], tmp_path)
     # GR00T N1's Eagle 2 template concatenates message['content'] as a string.
