@@ -14,7 +14,6 @@ on the left.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
-from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo
+from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, read_json
 from quantvla_ros.models.groot_config import GR00TConfig
 from quantvla_ros.models.processing import image_to_model
+from quantvla_ros.models.tokenizer import special_token_content
 
 VOCAB_FILE, MERGES_FILE, TOKENIZER_JSON = "vocab.json", "merges.txt", "tokenizer.json"
 ADDED_TOKENS_FILE, TOKENIZER_CONFIG_FILE = "added_tokens.json", "tokenizer_config.json"
@@ -64,20 +64,6 @@ def qwen_byte_level(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tok
 
 
-def _token_content(value: str | dict | None) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); copy the file again.") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object; copy the file again.")
-    return data
-
-
 @dataclass(frozen=True)
 class EagleTokenizer:
     """The Qwen3 tokenizer and chat template of an Eagle 2.5 checkpoint folder."""
@@ -91,16 +77,16 @@ class EagleTokenizer:
     @classmethod
     def from_dir(cls, path: Path) -> EagleTokenizer:
         path = Path(path)
-        config = _read_json(path / TOKENIZER_CONFIG_FILE) if (path / TOKENIZER_CONFIG_FILE).is_file() else {}
+        config = read_json(path / TOKENIZER_CONFIG_FILE) if (path / TOKENIZER_CONFIG_FILE).is_file() else {}
         tok = cls._load_model(path, config)
         special = {
-            name: _token_content(value)
+            name: special_token_content(value)
             for source in (
-                _read_json(path / SPECIAL_TOKENS_FILE) if (path / SPECIAL_TOKENS_FILE).is_file() else {},
+                read_json(path / SPECIAL_TOKENS_FILE) if (path / SPECIAL_TOKENS_FILE).is_file() else {},
                 config,
             )
             for name, value in source.items()
-            if name.endswith("_token") and isinstance(_token_content(value), str)
+            if name.endswith("_token") and isinstance(special_token_content(value), str)
         }
         pad = special.get("pad_token")
         pad_id = None if pad is None else tok.token_to_id(pad)
@@ -113,7 +99,7 @@ class EagleTokenizer:
             if tok.token_to_id(token) is None:
                 raise CheckpointError(f"The tokenizer in {path} has no {token} token; copy the Eagle tokenizer files.")
         if (path / CHAT_TEMPLATE_FILE).is_file():
-            template = _read_json(path / CHAT_TEMPLATE_FILE).get("chat_template")
+            template = read_json(path / CHAT_TEMPLATE_FILE).get("chat_template")
         else:
             template = config.get("chat_template")
         if not isinstance(template, str):
@@ -162,7 +148,7 @@ class EagleTokenizer:
             for i, entry in config.get("added_tokens_decoder", {}).items()
         }
         if (path / ADDED_TOKENS_FILE).is_file():
-            for content, i in _read_json(path / ADDED_TOKENS_FILE).items():
+            for content, i in read_json(path / ADDED_TOKENS_FILE).items():
                 added.setdefault(int(i), (content, True))
         for i, (content, special) in sorted(added.items()):
             if tok.token_to_id(content) is None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from quantvla_ros.models.checkpoint import CheckpointInfo
 from quantvla_ros.models.config import PI0Config
-from quantvla_ros.models.processing import discretize_state, image_to_model, resize_with_pad
+from quantvla_ros.models.processing import discretize_state, image_to_model, resize_with_pad, stack_cameras
 from quantvla_ros.models.tokenizer import PromptTokenizer, tokenize_prompt, tokenizer_file
 
 
@@ -24,17 +24,12 @@ class PI0Processor:
         return cls(info.config, PromptTokenizer.from_dir(info.path), hashlib.sha256(file.read_bytes()).hexdigest())
 
     def images(self, images: dict[str, np.ndarray]) -> tuple[np.ndarray, list[bool]]:
-        # openpi feeds a missing camera as a -1 image that attention masks out.
         size = self.cfg.image_size
-        out, masks = [], []
-        for name in self.cfg.camera_names:
-            if name in images:
-                out.append(image_to_model(resize_with_pad(images[name], size, size)).transpose(2, 0, 1))
-                masks.append(True)
-            else:
-                out.append(np.full((3, size, size), -1.0, dtype=np.float32))
-                masks.append(False)
-        return np.stack(out), masks
+
+        def to_model(image: np.ndarray) -> np.ndarray:
+            return image_to_model(resize_with_pad(image, size, size)).transpose(2, 0, 1)
+
+        return stack_cameras(self.cfg.camera_names, images, size, to_model)
 
     def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         discrete = discretize_state(state_norm) if self.cfg.uses_discrete_state else None

@@ -58,6 +58,22 @@ def image_to_model(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 255.0 * 2.0 - 1.0
 
 
+def stack_cameras(
+    camera_names: tuple[str, ...],
+    images: dict[str, np.ndarray],
+    size: int,
+    to_model: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, list[bool]]:
+    """Each camera through `to_model` (uint8 H×W×3 -> float32 3×size×size in [-1, 1]), in the
+    model's order; a camera the observation lacks is a -1 image whose mask attention honours."""
+    out, masks = [], []
+    for name in camera_names:
+        present = name in images
+        out.append(to_model(images[name]) if present else np.full((3, size, size), -1.0, dtype=np.float32))
+        masks.append(present)
+    return np.stack(out), masks
+
+
 def pad_to_dim(x: np.ndarray, dim: int) -> np.ndarray:
     """Zero-pad the last axis to `dim` (π0 models take 32-wide state/action vectors)."""
     n = x.shape[-1]

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, read_json
+from quantvla_ros.models.processing import stack_cameras
 from quantvla_ros.models.smolvla_config import SMOLVLM2_500M, SmolVLAConfig
+from quantvla_ros.models.tokenizer import special_token_content
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -46,11 +48,6 @@ def resize_with_pad_top_left(image: np.ndarray, size: int) -> np.ndarray:
         pixels = F.interpolate(pixels, size=(resized_height, resized_width), mode="bilinear", align_corners=False)
         pixels = F.pad(pixels, (size - resized_width, 0, size - resized_height, 0), value=0.0)
     return pixels[0].numpy()
-
-
-def _token_name(entry: str | dict | None) -> str | None:
-    # tokenizer_config.json spells a special token as a string or as an AddedToken dict.
-    return entry.get("content") if isinstance(entry, dict) else entry
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,7 @@ class SmolVLMPromptTokenizer:
             raise CheckpointError(f"{file} is not a valid tokenizer.json ({e}); copy it again.") from None
         config_file = path / TOKENIZER_CONFIG_FILE
         config = read_json(config_file) if config_file.is_file() else {}
-        pad = _token_name(config.get("pad_token"))
+        pad = special_token_content(config.get("pad_token"))
         pad_id = tokenizer.token_to_id(pad) if pad is not None else None
         digest = hashlib.sha256(file.read_bytes())
         digest.update(config_file.read_bytes() if config_file.is_file() else b"")
@@ -107,15 +104,9 @@ class SmolVLAProcessor:
 
     def images(self, images: dict[str, np.ndarray]) -> tuple[np.ndarray, list[bool]]:
         size = self.cfg.image_size
-        out, masks = [], []
-        for name in self.cfg.camera_names:
-            if name in images:
-                out.append(resize_with_pad_top_left(images[name], size) * 2.0 - 1.0)
-                masks.append(True)
-            else:
-                out.append(np.full((3, size, size), -1.0, dtype=np.float32))
-                masks.append(False)
-        return np.stack(out), masks
+        return stack_cameras(
+            self.cfg.camera_names, images, size, lambda image: resize_with_pad_top_left(image, size) * 2.0 - 1.0
+        )
 
     def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The state reaches SmolVLA through its own prefix token, never through the text.

@@ -22,6 +22,11 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 _warned_truncation = False
 
 
+def special_token_content(entry: str | dict | None) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string, or an AddedToken dict."""
+    return entry.get("content") if isinstance(entry, dict) else entry
+
+
 def tokenizer_file(path: Path) -> Path:
     """`tokenizer.model` (openpi's PaliGemma SentencePiece) or else `tokenizer.json` (LeRobot / HF)."""
     path = Path(path)
