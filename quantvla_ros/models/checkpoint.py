@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from quantvla_ros.atomic import atomic_path, write_json_atomic
-from quantvla_ros.models.processing import NormStats, load_lerobot_norm_stats
+from quantvla_ros.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from quantvla_ros.models.processing import NormStats, load_lerobot_norm_stats, save_lerobot_norm_stats
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -210,3 +210,41 @@ def write_weights(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes:
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json_atomic(path / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def stats_dim(stats: NormStats | None) -> int | None:
+    """The robot's dimension a feature's statistics describe, or None without statistics."""
+    if stats is None:
+        return None
+    for arr in (stats.mean, stats.q01, stats.min):
+        if arr is not None:
+            return int(arr.shape[-1])
+    return None
+
+
+def write_lerobot_normalizers(
+    path: Path, stats: dict[str, NormStats], normalizer_file: str, normalizer_features: tuple[str, ...]
+) -> None:
+    """LeRobot's processor pipelines as `lerobot_norm_stats` reads them: the preprocessor's
+    normalizer holds `normalizer_features`, the postprocessor's unnormalizer the actions."""
+    for pipeline, registry_name, state_file, features in (
+        ("policy_preprocessor.json", "normalizer_processor", normalizer_file, normalizer_features),
+        (
+            "policy_postprocessor.json",
+            "unnormalizer_processor",
+            "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
+            ("actions",),
+        ),
+    ):
+        step = {"registry_name": registry_name, "state_file": state_file}
+        write_json_atomic(path / pipeline, {"name": pipeline.removesuffix(".json"), "steps": [step]})
+        save_lerobot_norm_stats(path / state_file, {k: v for k, v in stats.items() if k in features})
+
+
+def copy_files(src: Path | None, dst: Path, names: tuple[str, ...]) -> None:
+    """The named files of `src` that exist (tokenizers, processor configs) into `dst`, atomically."""
+    if src is None:
+        return
+    for name in names:
+        if (Path(src) / name).is_file():
+            write_bytes_atomic(dst / name, (Path(src) / name).read_bytes())

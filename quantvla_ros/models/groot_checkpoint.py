@@ -39,8 +39,10 @@ from quantvla_ros.models.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     CheckpointInfo,
+    copy_files,
     processor_state_file,
     read_json,
+    stats_dim,
     tensor_shapes,
     weight_files,
     write_weights,
@@ -251,9 +253,6 @@ def _read_nvidia(path: Path, raw: dict, shapes: dict, asset_id: str | None) -> C
 
 
 def _info(path: Path, layout: str, cfg: GR00TConfig, stats: dict[str, NormStats], tag: str) -> CheckpointInfo:
-    def dim(s: NormStats | None) -> int | None:
-        return None if s is None or s.min is None else int(s.min.shape[0])
-
     return CheckpointInfo(
         path=path,
         layout=layout,
@@ -261,8 +260,8 @@ def _info(path: Path, layout: str, cfg: GR00TConfig, stats: dict[str, NormStats]
         norm_stats=stats,
         state_norm="min_max" if "state" in stats else None,
         action_norm="min_max" if "actions" in stats else None,
-        state_dim=dim(stats.get("state")),
-        action_dim=dim(stats.get("actions")),
+        state_dim=stats_dim(stats.get("state")),
+        action_dim=stats_dim(stats.get("actions")),
         norm_eps=0.0,
         asset_id=tag,
     )
@@ -489,10 +488,7 @@ def save_groot(
         write_json_atomic(path / METADATA_FILE, _metadata(cfg, stats, embodiment_tag))
     else:
         _write_lerobot(path, cfg, stats, embodiment_tag)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                write_bytes_atomic(path / name, (Path(tokenizer_dir) / name).read_bytes())
+    copy_files(tokenizer_dir, path, TOKENIZER_FILES)
     return path
 
 

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import torch
 
-from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+from quantvla_ros.atomic import write_json_atomic
 from quantvla_ros.models.checkpoint import (
     CONFIG_FILE,
     LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
     CheckpointInfo,
+    copy_files,
     lerobot_norm_stats,
+    stats_dim,
     tensor_shapes,
     weight_files,
+    write_lerobot_normalizers,
     write_weights,
 )
 from quantvla_ros.models.config import (
@@ -43,7 +46,6 @@ from quantvla_ros.models.pi0_processor import PI0Processor
 from quantvla_ros.models.processing import (
     NormStats,
     load_openpi_norm_stats,
-    save_lerobot_norm_stats,
     save_openpi_norm_stats,
 )
 
@@ -145,20 +147,11 @@ def _read_openpi(path: Path, raw: dict, shapes: dict, asset_id: str | None) -> C
         norm_stats=stats,
         state_norm=mode if "state" in stats else None,
         action_norm=mode if "actions" in stats else None,
-        state_dim=_stats_dim(stats.get("state")),
-        action_dim=_stats_dim(stats.get("actions")),
+        state_dim=stats_dim(stats.get("state")),
+        action_dim=stats_dim(stats.get("actions")),
         norm_eps=1e-6,
         asset_id=stats_files[0].parent.name if stats_files else None,
     )
-
-
-def _stats_dim(stats: NormStats | None) -> int | None:
-    if stats is None:
-        return None
-    for arr in (stats.mean, stats.q01):
-        if arr is not None:
-            return int(arr.shape[-1])
-    return None
 
 
 def _read_lerobot(path: Path, raw: dict, shapes: dict) -> CheckpointInfo:
@@ -291,34 +284,18 @@ def save_pi0(
     dtype = model.compute_dtype
     write_weights(export_state_dict(model, layout), path, max_shard_bytes)
     stats = norm_stats or {}
-    state_dim = _stats_dim(stats.get("state"))
-    action_dim = _stats_dim(stats.get("actions"))
+    state_dim = stats_dim(stats.get("state"))
+    action_dim = stats_dim(stats.get("actions"))
     if layout == "openpi":
         write_json_atomic(path / CONFIG_FILE, _openpi_config(cfg, dtype))
         if stats:
             save_openpi_norm_stats(path / "assets" / asset_id / "norm_stats.json", stats)
     else:
         write_json_atomic(path / CONFIG_FILE, _lerobot_config(cfg, dtype, state_dim, action_dim))
-        pre = "policy_preprocessor_step_2_normalizer_processor.safetensors"
-        post = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
-        write_json_atomic(
-            path / "policy_preprocessor.json",
-            {"name": "policy_preprocessor", "steps": [{"registry_name": "normalizer_processor", "state_file": pre}]},
+        write_lerobot_normalizers(
+            path, stats, "policy_preprocessor_step_2_normalizer_processor.safetensors", ("state",)
         )
-        write_json_atomic(
-            path / "policy_postprocessor.json",
-            {
-                "name": "policy_postprocessor",
-                "steps": [{"registry_name": "unnormalizer_processor", "state_file": post}],
-            },
-        )
-        save_lerobot_norm_stats(path / pre, {k: v for k, v in stats.items() if k == "state"})
-        save_lerobot_norm_stats(path / post, {k: v for k, v in stats.items() if k == "actions"})
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.exists():
-                write_bytes_atomic(path / name, src.read_bytes())
+    copy_files(tokenizer_dir, path, TOKENIZER_FILES)
     return path
 
 

@@ -26,19 +26,22 @@ from pathlib import Path
 
 import torch
 
-from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+from quantvla_ros.atomic import write_json_atomic
 from quantvla_ros.models.checkpoint import (
     CONFIG_FILE,
     LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
     CheckpointInfo,
+    copy_files,
     lerobot_norm_stats,
+    stats_dim,
     tensor_shapes,
     weight_files,
+    write_lerobot_normalizers,
     write_weights,
 )
 from quantvla_ros.models.family import ModelFamily
-from quantvla_ros.models.processing import NormStats, save_lerobot_norm_stats
+from quantvla_ros.models.processing import NormStats
 from quantvla_ros.models.smolvla import SmolVLAModel
 from quantvla_ros.models.smolvla_config import SmolVLAConfig, resolve_vlm, vlm_name
 from quantvla_ros.models.smolvla_processing import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SmolVLAProcessor
@@ -54,7 +57,6 @@ PREPROCESSOR = "policy_preprocessor.json"
 POSTPROCESSOR = "policy_postprocessor.json"
 # LeRobot's smolvla pipelines: rename, batch, newline, tokenizer, device, then the normalizer (step 5).
 NORMALIZER_FILE = "policy_preprocessor_step_5_normalizer_processor.safetensors"
-UNNORMALIZER_FILE = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
 NORM_MODES = {"MEAN_STD": "mean_std", "QUANTILES": "quantiles", "IDENTITY": None}
 IMAGE_PREFIXES = ("observation.images.", "observation.")
 
@@ -217,10 +219,6 @@ def _lerobot_config(cfg: SmolVLAConfig, state_dim: int | None, action_dim: int |
     }
 
 
-def _stats_dim(stats: NormStats | None) -> int | None:
-    return None if stats is None or stats.mean is None else int(stats.mean.shape[-1])
-
-
 def save_smolvla(
     model: SmolVLAModel,
     path: Path | str,
@@ -232,21 +230,11 @@ def save_smolvla(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_weights(export_state_dict(model, "lerobot"), path, max_shard_bytes)
-    state_dim, action_dim = _stats_dim(norm_stats.get("state")), _stats_dim(norm_stats.get("actions"))
+    state_dim, action_dim = stats_dim(norm_stats.get("state")), stats_dim(norm_stats.get("actions"))
     write_json_atomic(path / CONFIG_FILE, _lerobot_config(model.cfg, state_dim, action_dim))
     # As LeRobot writes them: the normalizer holds every feature's statistics, the unnormalizer the actions'.
-    for pipeline, registry_name, state_file, features in (
-        (PREPROCESSOR, "normalizer_processor", NORMALIZER_FILE, ("state", "actions")),
-        (POSTPROCESSOR, "unnormalizer_processor", UNNORMALIZER_FILE, ("actions",)),
-    ):
-        step = {"registry_name": registry_name, "state_file": state_file}
-        write_json_atomic(path / pipeline, {"name": pipeline.removesuffix(".json"), "steps": [step]})
-        save_lerobot_norm_stats(path / state_file, {k: v for k, v in norm_stats.items() if k in features})
-    if tokenizer_dir is not None:
-        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
-            src = Path(tokenizer_dir) / name
-            if src.exists():
-                write_bytes_atomic(path / name, src.read_bytes())
+    write_lerobot_normalizers(path, norm_stats, NORMALIZER_FILE, ("state", "actions"))
+    copy_files(tokenizer_dir, path, (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))
     return path
 
 
