@@ -13,6 +13,7 @@ on the left.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -160,8 +161,8 @@ class EagleTokenizer:
                 )
         return tok
 
-    def render(self, messages: list[dict]) -> str:
-        """The chat template as HF's apply_chat_template renders it, with the generation prompt."""
+    @functools.cached_property
+    def _template(self) -> jinja2.Template:
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
@@ -170,9 +171,11 @@ class EagleTokenizer:
             raise jinja2.exceptions.TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, **self.special_tokens
-        )
+        return env.from_string(self.chat_template)
+
+    def render(self, messages: list[dict]) -> str:
+        """The chat template as HF's apply_chat_template renders it, with the generation prompt."""
+        return self._template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -221,6 +224,12 @@ class GR00TProcessor:
 
     def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded int64 tokens [max_token_len] and their mask; the state is not part of GR00T's prompt."""
+        tokens, mask = self._tokens(instruction)
+        return tokens.copy(), mask.copy()
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one processor per loaded policy; the instruction rarely changes
+    def _tokens(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+        # Rendering the chat template and tokenizing takes milliseconds; the node asks every inference.
         cfg = self.cfg
         ids = self.tokenizer.encode(
             eagle_prompt(self.tokenizer, instruction, len(cfg.camera_names), cfg.tokens_per_image)
