@@ -55,13 +55,14 @@ from torch import nn
 from quantvla_ros.engine.groot_engine import GR00TEngine
 from quantvla_ros.engine.pi0_engine import PI0Engine
 from quantvla_ros.engine.smolvla_engine import SmolVLAEngine
-from quantvla_ros.models.config import PI0Config, SiglipConfig, pi05_full, small_pi05
-from quantvla_ros.models.groot import CategorySpecificLinear, GR00TN15Model
-from quantvla_ros.models.groot_config import GR00TConfig, TransformerConfig, groot_n15_full, prompt_budget
-from quantvla_ros.models.pi0 import PI0Model
-from quantvla_ros.models.qwen3 import Qwen3Config
-from quantvla_ros.models.smolvla import SmolVLAModel
-from quantvla_ros.models.smolvla_config import SmolLMConfig, SmolVLAConfig, SmolVLMConfig, smolvla_full
+from quantvla_ros.models.common.qwen3 import Qwen3Config
+from quantvla_ros.models.common.siglip import SiglipConfig
+from quantvla_ros.models.groot.config import GR00TConfig, TransformerConfig, groot_n15_full, prompt_budget
+from quantvla_ros.models.groot.model import CategorySpecificLinear, GR00TN15Model
+from quantvla_ros.models.pi0.config import PI0Config, pi05_full, small_pi05
+from quantvla_ros.models.pi0.model import PI0Model
+from quantvla_ros.models.smolvla.config import SmolLMConfig, SmolVLAConfig, SmolVLMConfig, smolvla_full
+from quantvla_ros.models.smolvla.model import SmolVLAModel
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.quant.linear import QuantLinear

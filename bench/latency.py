@@ -19,8 +19,8 @@ from datetime import date
 
 import torch
 
-from quantvla_ros.models.config import pi05_full, small_pi05, tiny
-from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.pi0.config import pi05_full, small_pi05, tiny
+from quantvla_ros.models.pi0.model import PI0Model
 
 CONFIGS = {
     "pi05_full": lambda: pi05_full().with_changes(action_horizon=50, max_token_len=200, num_steps=10),

@@ -32,8 +32,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
-from quantvla_ros.models.config import small_pi05
 from quantvla_ros.models.init_checkpoint import init_checkpoint, unit_norm_stats
+from quantvla_ros.models.pi0.config import small_pi05
 
 CONFIG = small_pi05()
 CAMERAS = list(CONFIG.camera_names)

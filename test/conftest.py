@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantvla_ros.models.config import tiny
+from quantvla_ros.models.common.normalizer import NormStats
 from quantvla_ros.models.init_checkpoint import init_checkpoint
+from quantvla_ros.models.pi0.config import tiny
 from quantvla_ros.models.policy import Observation
-from quantvla_ros.models.processing import NormStats
 
 # DDS traffic stays on this machine, in a domain of this test run's own: two runs on one machine
 # (a developer's and CI's) must not hear each other's latched instructions or /clock.

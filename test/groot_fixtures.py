@@ -9,12 +9,12 @@ import numpy as np
 import tokenizers
 import torch
 
-from quantvla_ros.models.groot import GR00TN15Model
-from quantvla_ros.models.groot_checkpoint import save_groot
-from quantvla_ros.models.groot_config import GR00TConfig, groot_tiny
-from quantvla_ros.models.groot_processing import qwen_byte_level
+from quantvla_ros.models.common.normalizer import NormStats
+from quantvla_ros.models.groot.config import GR00TConfig, groot_tiny
+from quantvla_ros.models.groot.family import save_groot
+from quantvla_ros.models.groot.model import GR00TN15Model
+from quantvla_ros.models.groot.processor import qwen_byte_level
 from quantvla_ros.models.policy import Observation
-from quantvla_ros.models.processing import NormStats
 
 TAG = "so100"  # embodiment row 2, inside the tiny model's 4 rows
 SENTENCES = [

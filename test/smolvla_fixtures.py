@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from quantvla_ros.models.smolvla import SmolVLAModel
-from quantvla_ros.models.smolvla_checkpoint import save_smolvla
-from quantvla_ros.models.smolvla_config import SmolVLAConfig, smolvla_tiny
+from quantvla_ros.models.smolvla.checkpoint import save_smolvla
+from quantvla_ros.models.smolvla.config import SmolVLAConfig, smolvla_tiny
+from quantvla_ros.models.smolvla.model import SmolVLAModel
 
 from conftest import INSTRUCTIONS, STATE_DIM, robot_stats
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from quantvla_ros.engine.staged import StagedEngine
-from quantvla_ros.models.gemma import attention_bias
-from quantvla_ros.models.groot import Attention, DiT, GR00TN15Model, action_time_encoding
+from quantvla_ros.models.common.attention import attention_bias
+from quantvla_ros.models.groot.model import Attention, DiT, GR00TN15Model, action_time_encoding
 
 
 @dataclass(frozen=True)

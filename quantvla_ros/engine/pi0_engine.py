@@ -32,16 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantvla_ros.engine.staged import StagedEngine
-from quantvla_ros.models.gemma import (
-    AdaRMSNorm,
-    RMSNorm,
-    apply_rope,
-    attend,
-    attention_bias,
-    gated_residual,
-    rope_cos_sin,
-)
-from quantvla_ros.models.pi0 import PI0Model, make_att_2d_masks, sincos_time_embedding
+from quantvla_ros.models.common.attention import apply_rope, attend, attention_bias, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.gemma import AdaRMSNorm, RMSNorm, gated_residual
+from quantvla_ros.models.pi0.model import PI0Model, sincos_time_embedding
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantvla_ros.engine.staged import StagedEngine
-from quantvla_ros.models.gemma import attend, attention_bias
-from quantvla_ros.models.pi0 import make_att_2d_masks, sincos_time_embedding
-from quantvla_ros.models.smolvla import SmolVLAModel
+from quantvla_ros.models.common.attention import attend, attention_bias, make_att_2d_masks
+from quantvla_ros.models.pi0.model import sincos_time_embedding
+from quantvla_ros.models.smolvla.model import SmolVLAModel
 
 
 @dataclass(frozen=True)

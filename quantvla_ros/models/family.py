@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from quantvla_ros.models.checkpoint import CheckpointInfo
+    from quantvla_ros.models.common.checkpoint import CheckpointInfo
 
 # observer(site, q, k, allowed): post-RoPE queries [B, H, Tq, d], keys [B, Hkv, Tk, d] and the
 # bool mask [B, Tq, Tk] of one action-expert attention during a denoising step.

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantvla_ros.models.config import PI0Config
-from quantvla_ros.models.pi0 import PI0Model
-from quantvla_ros.models.pi0_checkpoint import save_pi0
-from quantvla_ros.models.processing import NormStats
-from quantvla_ros.models.tokenizer import PromptTokenizer, train_tokenizer
+from quantvla_ros.models.common.normalizer import NormStats
+from quantvla_ros.models.common.tokenizer import PromptTokenizer, train_tokenizer
+from quantvla_ros.models.pi0.checkpoint import save_pi0
+from quantvla_ros.models.pi0.config import PI0Config
+from quantvla_ros.models.pi0.model import PI0Model
 
 
 def unit_norm_stats(dim: int) -> NormStats:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo
+from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
+from quantvla_ros.models.common.normalizer import Normalizer, pad_to_dim
 from quantvla_ros.models.family import ActionModel, InputProcessor
-from quantvla_ros.models.processing import Normalizer, pad_to_dim
 from quantvla_ros.models.registry import load_model
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantvla_ros.models.checkpoint import (
+from quantvla_ros.models.common.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     CheckpointInfo,
@@ -22,13 +22,13 @@ from quantvla_ros.models.checkpoint import (
     read_tensors,
     weight_files,
 )
-from quantvla_ros.models.config import pi0_full, pi05_full
 from quantvla_ros.models.family import ModelFamily
-from quantvla_ros.models.groot_checkpoint import GROOT_FAMILY
-from quantvla_ros.models.groot_config import groot_n15_full
-from quantvla_ros.models.pi0_checkpoint import PI0_FAMILY
-from quantvla_ros.models.smolvla_checkpoint import SMOLVLA_FAMILY
-from quantvla_ros.models.smolvla_config import smolvla_full
+from quantvla_ros.models.groot.config import groot_n15_full
+from quantvla_ros.models.groot.family import GROOT_FAMILY
+from quantvla_ros.models.pi0.checkpoint import PI0_FAMILY
+from quantvla_ros.models.pi0.config import pi0_full, pi05_full
+from quantvla_ros.models.smolvla.checkpoint import SMOLVLA_FAMILY
+from quantvla_ros.models.smolvla.config import smolvla_full
 
 FAMILIES: tuple[ModelFamily, ...] = (PI0_FAMILY, GROOT_FAMILY, SMOLVLA_FAMILY)
 

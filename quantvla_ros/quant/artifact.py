@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_json_atomic
-from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo
+from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.family import ActionModel, ModelFamily
 from quantvla_ros.models.registry import family_of, load_model
 from quantvla_ros.quant.api import QuantRecord, _set_module

@@ -35,12 +35,16 @@ from tqdm import tqdm
 
 from quantvla_ros.atomic import write_json_atomic
 from quantvla_ros.data.messages import image_to_rgb, joint_positions
-from quantvla_ros.models.config import GemmaConfig, PI0Config, SiglipConfig
-from quantvla_ros.models.pi0 import PI0Model
-from quantvla_ros.models.pi0_checkpoint import save_pi0
+from quantvla_ros.models.common.gemma import GemmaConfig
+from quantvla_ros.models.common.images import image_to_model
+from quantvla_ros.models.common.normalizer import Normalizer, NormStats
+from quantvla_ros.models.common.siglip import SiglipConfig
+from quantvla_ros.models.common.tokenizer import PromptTokenizer, train_tokenizer
+from quantvla_ros.models.pi0.checkpoint import save_pi0
+from quantvla_ros.models.pi0.config import PI0Config
+from quantvla_ros.models.pi0.model import PI0Model
+from quantvla_ros.models.pi0.processor import resize_with_pad, tokenize_prompt
 from quantvla_ros.models.policy import Observation, Policy, load_float_policy
-from quantvla_ros.models.processing import Normalizer, NormStats, image_to_model, resize_with_pad
-from quantvla_ros.models.tokenizer import PromptTokenizer, tokenize_prompt, train_tokenizer
 from quantvla_ros.sim.tasks import ACTION_NAMES, CONTROL_DT, STATE_NAMES
 
 ASSET_ID = "metaworld"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantvla_ros.models.checkpoint import CheckpointError
-from quantvla_ros.models.config import tiny
-from quantvla_ros.models.pi0_checkpoint import EMBED_TOKENS, LM_HEAD, save_pi0
+from quantvla_ros.models.common.checkpoint import CheckpointError
+from quantvla_ros.models.pi0.checkpoint import EMBED_TOKENS, LM_HEAD, save_pi0
+from quantvla_ros.models.pi0.config import tiny
 from quantvla_ros.models.registry import load_model, read_checkpoint
 
 from conftest import ACTION_DIM, STATE_DIM, make_checkpoint

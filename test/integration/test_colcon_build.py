@@ -38,7 +38,9 @@ def test_install_tree_has_the_ament_layout(install):
     script = install / "lib" / "quantvla_ros" / "quantvla"
     assert script.is_file() and os.access(script, os.X_OK)
     site = next((install / "lib").glob("python3*/site-packages"))
-    assert (site / "quantvla_ros" / "models" / "pi0.py").is_file()
+    # Every family folder is a subpackage the install carries.
+    for family in ("common", "pi0", "groot", "smolvla"):
+        assert (site / "quantvla_ros" / "models" / family / "__init__.py").is_file(), family
     assert (site / "quantvla_kernels" / "reference.py").is_file()
 
 

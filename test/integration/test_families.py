@@ -22,12 +22,12 @@ from tokenizers import Tokenizer
 from quantvla_ros.cli import main
 from quantvla_ros.data.buffer import build_buffer, load_buffer, save_buffer
 from quantvla_ros.loader import load_policy
-from quantvla_ros.models.groot_checkpoint import save_groot
+from quantvla_ros.models.common.normalizer import NormStats
+from quantvla_ros.models.groot.family import save_groot
 from quantvla_ros.models.policy import Observation
-from quantvla_ros.models.processing import NormStats
-from quantvla_ros.models.smolvla import SmolVLAModel
-from quantvla_ros.models.smolvla_checkpoint import save_smolvla
-from quantvla_ros.models.smolvla_config import smolvla_tiny
+from quantvla_ros.models.smolvla.checkpoint import save_smolvla
+from quantvla_ros.models.smolvla.config import smolvla_tiny
+from quantvla_ros.models.smolvla.model import SmolVLAModel
 from quantvla_ros.paths import config_file
 from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.sim.ros_eval import evaluate_over_ros

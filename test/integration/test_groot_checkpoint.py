@@ -23,11 +23,13 @@ from groot_fixtures import (
 )
 from safetensors.torch import load_file, save_file
 
-from quantvla_ros.models.checkpoint import CheckpointError
-from quantvla_ros.models.groot_checkpoint import EMBED_TOKENS, LM_HEAD, METADATA_FILE, save_groot
-from quantvla_ros.models.groot_processing import IMAGE_CONTEXT, EagleTokenizer, GR00TProcessor, crop_and_resize
+from quantvla_ros.models.common.checkpoint import CheckpointError
+from quantvla_ros.models.common.normalizer import Normalizer, NormStats
+from quantvla_ros.models.groot.checkpoint import EMBED_TOKENS, LM_HEAD
+from quantvla_ros.models.groot.family import save_groot
+from quantvla_ros.models.groot.nvidia import METADATA_FILE
+from quantvla_ros.models.groot.processor import IMAGE_CONTEXT, EagleTokenizer, GR00TProcessor, crop_and_resize
 from quantvla_ros.models.policy import load_float_policy
-from quantvla_ros.models.processing import Normalizer, NormStats
 from quantvla_ros.models.registry import family_for, load_model, read_checkpoint
 
 pytestmark = pytest.mark.integration

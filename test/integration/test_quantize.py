@@ -12,7 +12,7 @@ import pytest
 from quantvla_ros.cli import main
 from quantvla_ros.data.buffer import build_buffer, save_buffer
 from quantvla_ros.loader import load_policy
-from quantvla_ros.models.checkpoint import CheckpointError
+from quantvla_ros.models.common.checkpoint import CheckpointError
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.artifact import load_artifact, save_artifact
 from quantvla_ros.quant.calibration import collect_expert_statistics

@@ -41,15 +41,17 @@ from transformers.models.smolvlm import SmolVLMConfig as HFSmolVLMConfig
 from transformers.models.smolvlm import SmolVLMModel as HFSmolVLMModel
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-from quantvla_ros.models.config import GemmaConfig, SiglipConfig, tiny
-from quantvla_ros.models.gemma import attention
-from quantvla_ros.models.groot import GR00TN15Model
-from quantvla_ros.models.groot_config import groot_tiny
-from quantvla_ros.models.llama import RMSNorm
-from quantvla_ros.models.pi0 import PI0Model, make_att_2d_masks
-from quantvla_ros.models.qwen3 import Qwen3Config
-from quantvla_ros.models.smolvla import ROPE_THETA, SmolVLAModel
-from quantvla_ros.models.smolvla_config import smolvla_tiny
+from quantvla_ros.models.common.attention import attention, make_att_2d_masks
+from quantvla_ros.models.common.gemma import GemmaConfig
+from quantvla_ros.models.common.llama import RMSNorm
+from quantvla_ros.models.common.qwen3 import Qwen3Config
+from quantvla_ros.models.common.siglip import SiglipConfig
+from quantvla_ros.models.groot.config import groot_tiny
+from quantvla_ros.models.groot.model import GR00TN15Model
+from quantvla_ros.models.pi0.config import tiny
+from quantvla_ros.models.pi0.model import PI0Model
+from quantvla_ros.models.smolvla.config import smolvla_tiny
+from quantvla_ros.models.smolvla.model import ROPE_THETA, SmolVLAModel
 
 pytestmark = pytest.mark.integration
 

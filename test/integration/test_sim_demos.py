@@ -11,7 +11,9 @@ from rosbags.typesys import Stores, get_typestore
 from quantvla_ros.data.bags import read_observations
 from quantvla_ros.data.mapping import TopicMapping, read_params_file
 from quantvla_ros.loader import load_policy
-from quantvla_ros.models.config import GemmaConfig, PI0Config, SiglipConfig
+from quantvla_ros.models.common.gemma import GemmaConfig
+from quantvla_ros.models.common.siglip import SiglipConfig
+from quantvla_ros.models.pi0.config import PI0Config
 from quantvla_ros.paths import config_file
 from quantvla_ros.sim.demos import TOPICS, record_task
 from quantvla_ros.sim.tasks import ACTION_NAMES, CONTROL_DT, INSTRUCTIONS, STATE_NAMES

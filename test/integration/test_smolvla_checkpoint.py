@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from smolvla_fixtures import PAD_TOKEN, make_smolvla_checkpoint, model_inputs, robot_images, robot_state
 from tokenizers import Tokenizer
 
-from quantvla_ros.models.checkpoint import CheckpointError
+from quantvla_ros.models.common.checkpoint import CheckpointError
 from quantvla_ros.models.policy import Observation, load_float_policy
 from quantvla_ros.models.registry import family_for, load_model, read_checkpoint
-from quantvla_ros.models.smolvla_checkpoint import SMOLVLA_FAMILY, save_smolvla
-from quantvla_ros.models.smolvla_processing import SmolVLAProcessor
+from quantvla_ros.models.smolvla.checkpoint import SMOLVLA_FAMILY, save_smolvla
+from quantvla_ros.models.smolvla.processor import SmolVLAProcessor
 
 from conftest import ACTION_DIM, STATE_DIM
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from quantvla_ros.models.config import tiny
-from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.pi0.config import tiny
+from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.quant.calibration import ExpertStatistics, fold_atm, fold_ohb, matched_scale
 from quantvla_ros.quant.linear import QuantLinear
 

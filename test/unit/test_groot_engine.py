@@ -10,7 +10,7 @@ from test_groot_model import CFG, inputs
 
 from quantvla_ros.engine.groot_engine import GR00TEngine
 from quantvla_ros.loader import load_policy
-from quantvla_ros.models.groot import DiT, GR00TN15Model
+from quantvla_ros.models.groot.model import DiT, GR00TN15Model
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.linear import QuantLinear
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from groot_fixtures import tiny_model
 
-from quantvla_ros.models.groot import DiT, DiTBlock, GR00TN15Model
-from quantvla_ros.models.groot_config import TransformerConfig, groot_n15_full, groot_tiny
+from quantvla_ros.models.groot.config import TransformerConfig, groot_n15_full, groot_tiny
+from quantvla_ros.models.groot.model import DiT, DiTBlock, GR00TN15Model
 
 pytestmark = pytest.mark.unit
 

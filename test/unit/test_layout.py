@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantvla_ros.models.config import pi05_full
-from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.pi0.config import pi05_full
+from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.quant.layout import LAYOUTS, get_layout
 from quantvla_ros.quant.memory import layout_memory
 

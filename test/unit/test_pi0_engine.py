@@ -7,8 +7,8 @@ import torch
 from test_pi0_model import inputs
 
 from quantvla_ros.engine.pi0_engine import PI0Engine
-from quantvla_ros.models.config import tiny
-from quantvla_ros.models.pi0 import PI0Model
+from quantvla_ros.models.pi0.config import tiny
+from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.layout import get_layout
 from quantvla_ros.quant.linear import QuantLinear

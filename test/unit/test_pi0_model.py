@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantvla_ros.models.config import PI0Config, pi0_full, pi05_full, tiny
-from quantvla_ros.models.pi0 import PI0Model, make_att_2d_masks, sincos_time_embedding
+from quantvla_ros.models.common.attention import make_att_2d_masks
+from quantvla_ros.models.pi0.config import PI0Config, pi0_full, pi05_full, tiny
+from quantvla_ros.models.pi0.model import PI0Model, sincos_time_embedding
 
 pytestmark = pytest.mark.unit
 

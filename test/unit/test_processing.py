@@ -7,18 +7,16 @@ import safetensors.numpy
 import torch
 import torch.nn.functional as F
 
-from quantvla_ros.models.processing import (
+from quantvla_ros.models.common.images import image_to_model
+from quantvla_ros.models.common.normalizer import (
     Normalizer,
     NormStats,
-    discretize_state,
-    image_to_model,
     load_lerobot_norm_stats,
-    load_openpi_norm_stats,
     pad_to_dim,
-    resize_with_pad,
     save_lerobot_norm_stats,
-    save_openpi_norm_stats,
 )
+from quantvla_ros.models.pi0.checkpoint import load_openpi_norm_stats, save_openpi_norm_stats
+from quantvla_ros.models.pi0.processor import discretize_state, resize_with_pad
 
 pytestmark = pytest.mark.unit
 

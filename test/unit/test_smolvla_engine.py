@@ -10,7 +10,7 @@ from smolvla_fixtures import make_smolvla_checkpoint, model_inputs, robot_images
 from quantvla_ros.engine.smolvla_engine import SmolVLAEngine
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.policy import Observation
-from quantvla_ros.models.smolvla import SmolVLAModel
+from quantvla_ros.models.smolvla.model import SmolVLAModel
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.layout import Layout
 from quantvla_ros.quant.linear import QuantLinear

@@ -9,8 +9,8 @@ import torch
 from smolvla_fixtures import model_inputs, tiny_model
 from torch import nn
 
-from quantvla_ros.models.smolvla import SmolVLAModel, pixel_shuffle
-from quantvla_ros.models.smolvla_config import expert_mlp_dim, smolvla_full, smolvla_tiny
+from quantvla_ros.models.smolvla.config import expert_mlp_dim, smolvla_full, smolvla_tiny
+from quantvla_ros.models.smolvla.model import SmolVLAModel, pixel_shuffle
 
 pytestmark = pytest.mark.unit
 
@@ -154,7 +154,7 @@ def test_pixel_shuffle_matches_smolvlm_connector_reshapes():
 
 def test_rope_matches_lerobot_formula(model):
     # LeRobot's apply_rope: timescale 1e4^(2i/d), halves rotated as [x1 cos - x2 sin, x2 cos + x1 sin].
-    from quantvla_ros.models.gemma import apply_rope
+    from quantvla_ros.models.common.attention import apply_rope
 
     x = torch.randn(1, 2, 5, 8)
     positions = torch.tensor([[0, 1, 2, 7, 30]])

@@ -6,8 +6,9 @@ import pytest
 import sentencepiece
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from quantvla_ros.models import tokenizer as tokenizer_module
-from quantvla_ros.models.tokenizer import PromptTokenizer, tokenize_prompt, train_tokenizer
+from quantvla_ros.models.common.tokenizer import PromptTokenizer, train_tokenizer
+from quantvla_ros.models.pi0 import processor as pi0_processor
+from quantvla_ros.models.pi0.processor import tokenize_prompt
 
 pytestmark = pytest.mark.unit
 
@@ -144,10 +145,10 @@ def test_rejects_non_integer_state(tokenizer):
 
 
 def test_truncation_keeps_the_first_tokens_and_warns_once(tokenizer, monkeypatch, caplog):
-    monkeypatch.setattr(tokenizer_module, "_warned_truncation", False)
+    monkeypatch.setattr(pi0_processor, "_warned_truncation", False)
     full = tokenizer.encode("Task: put the block in the bowl, State: 1 2 3;\nAction: ", add_bos=True)
     max_len = len(full) - 3
-    with caplog.at_level(logging.WARNING, logger=tokenizer_module.__name__):
+    with caplog.at_level(logging.WARNING, logger=pi0_processor.__name__):
         for _ in range(3):
             tokens, mask = tokenize_prompt(tokenizer, "put the block in the bowl", max_len, np.array([1, 2, 3]))
     assert tokens.tolist() == full[:max_len] and mask.all()

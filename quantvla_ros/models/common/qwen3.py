@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_ros.models.gemma import apply_rope, attention_bias, rope_cos_sin
-from quantvla_ros.models.llama import RMSNorm, SwiGLUMLP
+from quantvla_ros.models.common.attention import apply_rope, attention_bias, rope_cos_sin
+from quantvla_ros.models.common.llama import RMSNorm, SwiGLUMLP
 
 
 @dataclass(frozen=True)

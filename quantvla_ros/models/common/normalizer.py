@@ -1,11 +1,7 @@
-"""Image, state and action processing for π0 / π0.5, in numpy.
-
-Matches openpi's `image_tools.resize_with_pad`, `transforms.Normalize/Unnormalize` and the
-PaliGemma state discretization, plus readers and writers for openpi's `norm_stats.json` and
-LeRobot's normalizer safetensors.
+"""State and action normalization, in numpy: openpi's `transforms.Normalize/Unnormalize` (which
+LeRobot and GR00T follow), and LeRobot's normalizer safetensors.
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,65 +9,16 @@ from typing import Literal
 
 import numpy as np
 import safetensors.numpy
-from PIL import Image
 
 from quantvla_ros.atomic import write_bytes_atomic
 
 NormMode = Literal["mean_std", "quantiles", "min_max"]
 
-_STAT_NAMES = ("mean", "std", "q01", "q99")
+# The statistics openpi and LeRobot store per feature.
+STAT_NAMES = ("mean", "std", "q01", "q99")
 # openpi names the vectors "state"/"actions"; LeRobot uses its feature keys.
 _LEROBOT_TO_OPENPI = {"observation.state": "state", "action": "actions"}
 _OPENPI_TO_LEROBOT = {v: k for k, v in _LEROBOT_TO_OPENPI.items()}
-
-
-def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize a uint8 H×W×3 image to height×width keeping its aspect ratio, padding with black.
-
-    Same geometry as openpi (scale by the larger ratio, truncate the size, centre the padding with
-    the odd pixel at the bottom/right). PIL's bilinear filter antialiases when shrinking, like the
-    `jax.image.resize` openpi uses, so it is closer to openpi than an un-antialiased interpolate.
-    """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
-            f"resize_with_pad needs a uint8 H×W×3 RGB image, got shape {image.shape} and dtype {image.dtype}; "
-            "convert the image to 8-bit RGB first."
-        )
-    cur_height, cur_width = image.shape[:2]
-    if (cur_height, cur_width) == (height, width):
-        return image.copy()
-    ratio = max(cur_width / width, cur_height / height)
-    resized_height, resized_width = int(cur_height / ratio), int(cur_width / ratio)
-    resized = Image.fromarray(image).resize((resized_width, resized_height), Image.Resampling.BILINEAR)
-    top = (height - resized_height) // 2
-    left = (width - resized_width) // 2
-    out = np.zeros((height, width, 3), dtype=np.uint8)
-    out[top : top + resized_height, left : left + resized_width] = np.asarray(resized)
-    return out
-
-
-def image_to_model(image: np.ndarray) -> np.ndarray:
-    """Map uint8 [0, 255] pixels to the float32 [-1, 1] range SigLIP expects."""
-    if image.dtype != np.uint8:
-        raise ValueError(f"image_to_model needs a uint8 image, got dtype {image.dtype}; pass 8-bit pixels.")
-    # The same float32 operations as openpi's Observation.from_dict, so results match bit for bit.
-    return image.astype(np.float32) / 255.0 * 2.0 - 1.0
-
-
-def stack_cameras(
-    camera_names: tuple[str, ...],
-    images: dict[str, np.ndarray],
-    size: int,
-    to_model: Callable[[np.ndarray], np.ndarray],
-) -> tuple[np.ndarray, list[bool]]:
-    """Each camera through `to_model` (uint8 H×W×3 -> float32 3×size×size in [-1, 1]), in the
-    model's order; a camera the observation lacks is a -1 image whose mask attention honours."""
-    out, masks = [], []
-    for name in camera_names:
-        present = name in images
-        out.append(to_model(images[name]) if present else np.full((3, size, size), -1.0, dtype=np.float32))
-        masks.append(present)
-    return np.stack(out), masks
 
 
 def pad_to_dim(x: np.ndarray, dim: int) -> np.ndarray:
@@ -80,15 +27,6 @@ def pad_to_dim(x: np.ndarray, dim: int) -> np.ndarray:
     if n > dim:
         raise ValueError(f"Cannot pad a vector of length {n} to {dim}; use a model whose dimension is at least {n}.")
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dim - n)])
-
-
-def discretize_state(state_norm: np.ndarray, bins: int = 256) -> np.ndarray:
-    """Bin a normalized state into 0..bins-1 for the π0.5 prompt.
-
-    Follows openpi without clipping, so values below -1 give -1 and values at or above 1 give
-    bins-1, exactly as the released checkpoints saw during training.
-    """
-    return np.digitize(state_norm, np.linspace(-1.0, 1.0, bins + 1)[:-1]) - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,44 +127,6 @@ class Normalizer:
         return out.astype(np.float32)
 
 
-def load_openpi_norm_stats(path: Path) -> dict[str, NormStats]:
-    """Read openpi's `{"norm_stats": {"state": {"mean": [...], ...}, "actions": {...}}}`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Norm stats file {path} does not exist; check the checkpoint folder.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Norm stats file {path} is not valid JSON ({e}); re-export it.") from None
-    entries = data.get("norm_stats") if isinstance(data, dict) else None
-    if not isinstance(entries, dict):
-        raise ValueError(
-            f'Norm stats file {path} has no "norm_stats" object; expected openpi\'s norm_stats.json layout.'
-        )
-    stats = {}
-    for key, entry in entries.items():
-        if not isinstance(entry, dict) or not any(entry.get(name) is not None for name in _STAT_NAMES):
-            raise ValueError(
-                f'Entry "{key}" in norm stats file {path} has none of {", ".join(_STAT_NAMES)}; re-export it.'
-            )
-        try:
-            stats[key] = NormStats(**{name: entry.get(name) for name in _STAT_NAMES})
-        except (TypeError, ValueError):
-            raise ValueError(
-                f'Entry "{key}" in norm stats file {path} holds non-numeric values; re-export it.'
-            ) from None
-    return stats
-
-
-def save_openpi_norm_stats(path: Path, stats: dict[str, NormStats]) -> None:
-    """Write stats in openpi's norm_stats.json layout, leaving out missing fields."""
-    entries = {
-        key: {name: getattr(s, name).tolist() for name in _STAT_NAMES if getattr(s, name) is not None}
-        for key, s in stats.items()
-    }
-    write_bytes_atomic(Path(path), json.dumps({"norm_stats": entries}, indent=2).encode())
-
-
 def load_lerobot_norm_stats(files: list[Path]) -> dict[str, NormStats]:
     """Merge LeRobot normalizer safetensors (keys like `observation.state.q01`, `action.mean`).
 
@@ -250,7 +150,7 @@ def load_lerobot_norm_stats(files: list[Path]) -> dict[str, NormStats]:
                     f'Normalizer file {file} has key "{flat_key}", not "<feature>.<stat>"; '
                     "pass LeRobot normalizer files only."
                 )
-            if stat not in _STAT_NAMES:
+            if stat not in STAT_NAMES:
                 continue
             feature_stats = merged.setdefault(_LEROBOT_TO_OPENPI.get(feature, feature), {})
             if stat in feature_stats and not np.array_equal(feature_stats[stat], array):
@@ -267,7 +167,7 @@ def save_lerobot_norm_stats(path: Path, stats: dict[str, NormStats]) -> None:
     tensors = {
         f"{_OPENPI_TO_LEROBOT.get(key, key)}.{name}": np.ascontiguousarray(getattr(s, name))
         for key, s in stats.items()
-        for name in _STAT_NAMES
+        for name in STAT_NAMES
         if getattr(s, name) is not None
     }
     write_bytes_atomic(Path(path), safetensors.numpy.save(tensors))

@@ -14,13 +14,14 @@ lists them, except the few keys below that real checkpoints carry and inference 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 
-from quantvla_ros.atomic import write_json_atomic
-from quantvla_ros.models.checkpoint import (
+from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+from quantvla_ros.models.common.checkpoint import (
     CONFIG_FILE,
     LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
@@ -33,21 +34,17 @@ from quantvla_ros.models.checkpoint import (
     write_lerobot_normalizers,
     write_weights,
 )
-from quantvla_ros.models.config import (
+from quantvla_ros.models.common.normalizer import STAT_NAMES, NormStats
+from quantvla_ros.models.family import ModelFamily
+from quantvla_ros.models.pi0.config import (
     PALIGEMMA_VOCAB_SIZE,
     PI0Config,
     resolve_gemma,
     resolve_siglip,
     variant_name,
 )
-from quantvla_ros.models.family import ModelFamily
-from quantvla_ros.models.pi0 import PI0Model
-from quantvla_ros.models.pi0_processor import PI0Processor
-from quantvla_ros.models.processing import (
-    NormStats,
-    load_openpi_norm_stats,
-    save_openpi_norm_stats,
-)
+from quantvla_ros.models.pi0.model import PI0Model
+from quantvla_ros.models.pi0.processor import PI0Processor
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
@@ -316,3 +313,41 @@ PI0_FAMILY = ModelFamily(
         "assets/*/norm_stats.json",
     ),
 )
+
+
+def load_openpi_norm_stats(path: Path) -> dict[str, NormStats]:
+    """Read openpi's `{"norm_stats": {"state": {"mean": [...], ...}, "actions": {...}}}`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Norm stats file {path} does not exist; check the checkpoint folder.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"Norm stats file {path} is not valid JSON ({e}); re-export it.") from None
+    entries = data.get("norm_stats") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(
+            f'Norm stats file {path} has no "norm_stats" object; expected openpi\'s norm_stats.json layout.'
+        )
+    stats = {}
+    for key, entry in entries.items():
+        if not isinstance(entry, dict) or not any(entry.get(name) is not None for name in STAT_NAMES):
+            raise ValueError(
+                f'Entry "{key}" in norm stats file {path} has none of {", ".join(STAT_NAMES)}; re-export it.'
+            )
+        try:
+            stats[key] = NormStats(**{name: entry.get(name) for name in STAT_NAMES})
+        except (TypeError, ValueError):
+            raise ValueError(
+                f'Entry "{key}" in norm stats file {path} holds non-numeric values; re-export it.'
+            ) from None
+    return stats
+
+
+def save_openpi_norm_stats(path: Path, stats: dict[str, NormStats]) -> None:
+    """Write stats in openpi's norm_stats.json layout, leaving out missing fields."""
+    entries = {
+        key: {name: getattr(s, name).tolist() for name in STAT_NAMES if getattr(s, name) is not None}
+        for key, s in stats.items()
+    }
+    write_bytes_atomic(Path(path), json.dumps({"norm_stats": entries}, indent=2).encode())

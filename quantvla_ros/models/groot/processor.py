@@ -25,10 +25,10 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
-from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, read_json
-from quantvla_ros.models.groot_config import GR00TConfig
-from quantvla_ros.models.processing import image_to_model
-from quantvla_ros.models.tokenizer import special_token_content
+from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo, read_json
+from quantvla_ros.models.common.images import image_to_model
+from quantvla_ros.models.common.tokenizer import special_token_content
+from quantvla_ros.models.groot.config import GR00TConfig
 
 VOCAB_FILE, MERGES_FILE, TOKENIZER_JSON = "vocab.json", "merges.txt", "tokenizer.json"
 ADDED_TOKENS_FILE, TOKENIZER_CONFIG_FILE = "added_tokens.json", "tokenizer_config.json"

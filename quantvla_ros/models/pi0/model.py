@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_ros.models.config import PI0Config
+from quantvla_ros.models.common.attention import apply_rope, attention, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.gemma import GemmaModel
+from quantvla_ros.models.common.siglip import SiglipVisionTower
 from quantvla_ros.models.family import (
     AttentionObserver,
     AttentionSite,
@@ -24,8 +26,7 @@ from quantvla_ros.models.family import (
     decoder_linears,
     mlp_linears,
 )
-from quantvla_ros.models.gemma import GemmaModel, apply_rope, attention, rope_cos_sin
-from quantvla_ros.models.siglip import SiglipVisionTower
+from quantvla_ros.models.pi0.config import PI0Config
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,13 +45,6 @@ def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     if not name.startswith("paligemma_with_expert.") or any(s in name for s in FP32_PARAMETERS):
         return torch.float32
     return dtype
-
-
-def make_att_2d_masks(pad_masks: torch.Tensor, ar_masks: torch.Tensor) -> torch.Tensor:
-    """big_vision's rule: a token sees every valid token whose cumulative AR count is ≤ its own."""
-    cumsum = torch.cumsum(ar_masks.to(torch.int32), dim=1)
-    allowed = cumsum[:, None, :] <= cumsum[:, :, None]
-    return allowed & (pad_masks[:, None, :] & pad_masks[:, :, None])
 
 
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from quantvla_ros.models.config import SiglipConfig
-from quantvla_ros.models.qwen3 import Qwen3Config
+from quantvla_ros.models.common.qwen3 import Qwen3Config
+from quantvla_ros.models.common.siglip import SiglipConfig
 
 # `<IMG_CONTEXT>` in the Eagle 2.5 / Qwen3 tokenizer (its added_tokens.json).
 IMG_CONTEXT_ID = 151_669

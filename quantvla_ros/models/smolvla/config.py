@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from quantvla_ros.models.config import SiglipConfig
+from quantvla_ros.models.common.siglip import SiglipConfig
 
 SMOLVLM2_500M = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla_ros.models.common.attention import apply_rope, attention, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.llama import RMSNorm, SwiGLUMLP
+from quantvla_ros.models.common.siglip import SiglipVisionTransformer
 from quantvla_ros.models.family import (
     AttentionObserver,
     AttentionSite,
@@ -31,11 +34,8 @@ from quantvla_ros.models.family import (
     decoder_linears,
     mlp_linears,
 )
-from quantvla_ros.models.gemma import apply_rope, attention, rope_cos_sin
-from quantvla_ros.models.llama import RMSNorm, SwiGLUMLP
-from quantvla_ros.models.pi0 import make_att_2d_masks, sincos_time_embedding
-from quantvla_ros.models.siglip import SiglipVisionTransformer
-from quantvla_ros.models.smolvla_config import SmolLMConfig, SmolVLAConfig
+from quantvla_ros.models.pi0.model import sincos_time_embedding
+from quantvla_ros.models.smolvla.config import SmolLMConfig, SmolVLAConfig
 
 # LeRobot's own apply_rope (half-split layout, same as HF) with max_wavelength 1e4; the rope_theta
 # of SmolVLM2's text config is never read by SmolVLA.

@@ -8,11 +8,23 @@ So a layer here exposes `project_qkv` and `finish` rather than a single forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_ros.models.config import GemmaConfig
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10_000.0
+    eps: float = 1e-6
 
 
 class RMSNorm(nn.Module):
@@ -59,43 +71,6 @@ class AdaRMSNorm(nn.Module):
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return x + y if gate is None else x + y * gate
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, 1, T, head_dim] in fp32 (HF's half-split rotary layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """q [B, H, Tq, d], k/v [B, Hkv, Tk, d], allowed bool [B, Tq, Tk] -> [B, Tq, H*d].
-
-    The mask is additive with the dtype's most negative value, so a query row that may see
-    nothing (a padding token) gives a finite uniform average instead of NaN.
-    """
-    return attend(q, k, v, attention_bias(allowed, q.dtype))
-
-
-def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask [B, Tq, Tk] -> additive bias [B, 1, Tq, Tk], built once where many layers share it."""
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None]
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """attention() with its bias already built by attention_bias()."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != q.shape[1])
-    b, h, t, d = out.shape
-    return out.transpose(1, 2).reshape(b, t, h * d)
 
 
 class GemmaAttention(nn.Module):

@@ -24,10 +24,10 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 
-from quantvla_ros.models.checkpoint import CheckpointError, CheckpointInfo, read_json
-from quantvla_ros.models.processing import stack_cameras
-from quantvla_ros.models.smolvla_config import SMOLVLM2_500M, SmolVLAConfig
-from quantvla_ros.models.tokenizer import special_token_content
+from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo, read_json
+from quantvla_ros.models.common.images import stack_cameras
+from quantvla_ros.models.common.tokenizer import special_token_content
+from quantvla_ros.models.smolvla.config import SMOLVLM2_500M, SmolVLAConfig
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

@@ -1,25 +1,19 @@
-"""PaliGemma prompt tokenization for π0 / π0.5, from a SentencePiece model or an HF tokenizer.json."""
+"""Text tokenizers read from a checkpoint folder: a SentencePiece model or an HF tokenizer.json."""
 
 import io
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import sentencepiece
 import tokenizers
 
 from quantvla_ros.atomic import write_bytes_atomic
 
-logger = logging.getLogger(__name__)
-
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 # PaliGemma's special token ids.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
-
-_warned_truncation = False
 
 
 def special_token_content(entry: str | dict | None) -> str | None:
@@ -91,43 +85,6 @@ class PromptTokenizer:
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
         return ([self.bos_id] if add_bos else []) + list(self.encode_text(text))
-
-
-def tokenize_prompt(
-    tokenizer: PromptTokenizer, instruction: str, max_len: int, discrete_state: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """openpi's PaligemmaTokenizer.tokenize: int64 tokens and a bool mask, both right-padded to max_len.
-
-    π0 (no state): "<bos>{text}" then "\\n" encoded on its own as the start-of-answer token.
-    π0.5: "<bos>Task: {text}, State: {s0 s1 ...};\\nAction: " with the discretized state.
-    """
-    global _warned_truncation
-    text = instruction.strip().replace("_", " ").replace("\n", " ")
-    if discrete_state is None:
-        ids = tokenizer.encode(text, add_bos=True) + tokenizer.encode("\n", add_bos=False)
-    else:
-        state = np.asarray(discrete_state)
-        if state.ndim != 1 or not np.issubdtype(state.dtype, np.integer):
-            raise ValueError(
-                f"discrete_state must be a 1-D integer array, got shape {state.shape} and dtype {state.dtype}; "
-                "pass the output of discretize_state."
-            )
-        state_str = " ".join(map(str, state.tolist()))
-        ids = tokenizer.encode(f"Task: {text}, State: {state_str};\nAction: ", add_bos=True)
-    if len(ids) > max_len:
-        if not _warned_truncation:
-            logger.warning(
-                "The prompt has %d tokens and was cut to max_len=%d; raise the model's max token length "
-                "if this happens often (shown once).",
-                len(ids),
-                max_len,
-            )
-            _warned_truncation = True
-        ids = ids[:max_len]
-    tokens = np.full(max_len, tokenizer.pad_id, dtype=np.int64)
-    tokens[: len(ids)] = ids
-    mask = np.arange(max_len) < len(ids)
-    return tokens, mask
 
 
 def train_tokenizer(out_dir: Path, texts: list[str], vocab_size: int) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from quantvla_ros.atomic import write_json_atomic
-from quantvla_ros.models.checkpoint import (
+from quantvla_ros.models.common.checkpoint import (
     CONFIG_FILE,
     LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
@@ -40,11 +40,11 @@ from quantvla_ros.models.checkpoint import (
     write_lerobot_normalizers,
     write_weights,
 )
+from quantvla_ros.models.common.normalizer import NormStats
 from quantvla_ros.models.family import ModelFamily
-from quantvla_ros.models.processing import NormStats
-from quantvla_ros.models.smolvla import SmolVLAModel
-from quantvla_ros.models.smolvla_config import SmolVLAConfig, resolve_vlm, vlm_name
-from quantvla_ros.models.smolvla_processing import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SmolVLAProcessor
+from quantvla_ros.models.smolvla.config import SmolVLAConfig, resolve_vlm, vlm_name
+from quantvla_ros.models.smolvla.model import SmolVLAModel
+from quantvla_ros.models.smolvla.processor import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SmolVLAProcessor
 
 PREFIX = "model."
 EMBED_TOKENS = "vlm_with_expert.vlm.model.text_model.embed_tokens.weight"

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla_ros.models.common.attention import attention_bias
+from quantvla_ros.models.common.qwen3 import Qwen3LanguageModel
+from quantvla_ros.models.common.siglip import SiglipVisionTower
 from quantvla_ros.models.family import AttentionObserver, AttentionSite
-from quantvla_ros.models.gemma import attention_bias
-from quantvla_ros.models.groot_config import GR00TConfig, TransformerConfig
-from quantvla_ros.models.qwen3 import Qwen3LanguageModel
-from quantvla_ros.models.siglip import SiglipVisionTower
+from quantvla_ros.models.groot.config import GR00TConfig, TransformerConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_bytes_atomic, write_json_atomic
-from quantvla_ros.models.processing import NormStats, load_lerobot_norm_stats, save_lerobot_norm_stats
+from quantvla_ros.models.common.normalizer import NormStats, load_lerobot_norm_stats, save_lerobot_norm_stats
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -11,35 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from quantvla_ros.models.common.gemma import GemmaConfig
+from quantvla_ros.models.common.siglip import SiglipConfig
+
 PALIGEMMA_VOCAB_SIZE = 257152
 OPENPI_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-
-
-@dataclass(frozen=True)
-class GemmaConfig:
-    width: int
-    depth: int
-    mlp_dim: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float = 10_000.0
-    eps: float = 1e-6
-
-
-@dataclass(frozen=True)
-class SiglipConfig:
-    image_size: int = 224
-    patch_size: int = 14
-    width: int = 1152
-    depth: int = 27
-    num_heads: int = 16
-    mlp_dim: int = 4304
-    eps: float = 1e-6
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 GEMMA_VARIANTS: dict[str, GemmaConfig] = {
