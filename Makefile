@@ -28,7 +28,7 @@ demo: $(STAMP)
 	ROS_DOMAIN_ID=63 OMP_NUM_THREADS=1 $(VENV)/bin/quantvla demo
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/latency.py
+	$(VENV)/bin/python bench/e2e.py
 
 clean:
 	rm -rf $(VENV) build

@@ -1,4 +1,4 @@
-"""End-to-end latency of one policy inference on one GPU: eager PyTorch against the engine, float and QuantVLA.
+"""End-to-end latency of one policy inference: eager PyTorch against the engine, float and QuantVLA.
 
     python bench/e2e.py --json bench/e2e.json        # full-size π0.5 on the GPU, random weights
     python bench/e2e.py --config small                # a small π0.5 with the real input shapes, runs on the CPU
@@ -7,12 +7,14 @@
 
 Full size, batch 1: π0.5 with 3 cameras at 224 px, 200 prompt slots, horizon 50, 10 Euler steps;
 GR00T N1.5 with 1 camera at 224 px, its 392-slot prompt budget, horizon 16, 4 Euler steps;
-SmolVLA with 3 cameras at 512 px, 48 prompt slots, horizon 50, 10 Euler steps.
-Variants, all in one run on one card (float32 instead of bf16 on the CPU):
+SmolVLA with 3 cameras at 512 px, 48 prompt slots, horizon 50, 10 Euler steps. `--config`
+defaults to full on CUDA and small elsewhere. Variants, all in one run on one card (float32
+instead of bf16 on the CPU):
 
-    bf16 eager        the model's own sample_actions (PI0Model, GR00TN15Model, SmolVLAModel)
-    bf16 optimized    its engine (PI0Engine, GR00TEngine, SmolVLAEngine): precomputed timestep
-                      schedule, static buffers, a CUDA graph per stage
+    bf16 eager        the model's own sample_actions: its stages over a fresh workspace, the
+                      timestep schedule computed on every call
+    bf16 optimized    the same stages through the engine (StagedEngine): the workspace kept, the
+                      schedule computed once, a CUDA graph per stage
     W4A8 optimized    the same engine over the QuantVLA layout (every LLM Linear and the action
     W4A4 optimized    expert's MLPs) as QuantLinears with dynamic per-token activations
 
@@ -24,45 +26,41 @@ smoothing, and atm=False, ohb=False. That is the full method's run-time work on 
 ATM's α and OHB's β fold into existing weights and cost nothing at run time, and smoothing is one
 division inside the same fused kernel; calibration data only changes values, not work.
 
-Per variant: median milliseconds over --runs after --warmup of each stage (vision: SigLIP,
-projector and prompt embedding, for SmolVLA also the state token; prefix: the LLM pass that
-fills the K/V cache, for GR00T also vlln, the VL self-attention and the DiT's cross-attention
-K/V, for SmolVLA also the expert's cross-attention K/V; denoise: all expert steps),
-timed with a device sync after each stage, and of the whole call timed on its own; peak GPU
-memory (max_memory_allocated, reset before each variant, weights included).
-Ratios are against bf16 eager and bf16 optimized from the same run. The floor of each stage is
-max(weight and K/V bytes read / copy bandwidth, FLOPs / bf16 matmul rate), with both rates
-measured in this run (a 1 GiB device-to-device copy, an 8192³ bf16 matmul), weights counted
-as each variant stores them, quantized layers at the bf16 rate too. Not a test.
-
-Each model family is one entry of MODELS (configs, builder, inputs, stages, costs).
+Per variant: median milliseconds over --runs after --warmup of each stage (vision: the model's
+embed(), prefix: its prefix(), denoise: all Euler steps, eager including the schedule), timed with
+a device sync after each stage, and of the whole call timed on its own; peak GPU memory
+(max_memory_allocated, reset before each variant, weights included). Ratios are against bf16
+eager and bf16 optimized from the same run. The floor of each stage is max(weight and K/V bytes
+read / copy bandwidth, FLOPs / bf16 matmul rate), with both rates measured in this run (a 1 GiB
+device-to-device copy, an 8192³ bf16 matmul), weights counted as each variant stores them,
+quantized layers at the bf16 rate too. --json is rewritten after every variant, so a run cut
+short by a time limit keeps what it measured. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
-import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from quantvla_ros.engine.groot_engine import GR00TEngine
-from quantvla_ros.engine.pi0_engine import PI0Engine
-from quantvla_ros.engine.smolvla_engine import SmolVLAEngine
-from quantvla_ros.models.common.qwen3 import Qwen3Config
-from quantvla_ros.models.common.siglip import SiglipConfig
-from quantvla_ros.models.groot.config import GR00TConfig, TransformerConfig, groot_n15_full, prompt_budget
+from quantvla_ros.atomic import write_json_atomic
+from quantvla_ros.engine.staged import StagedEngine
+from quantvla_ros.models.groot.config import groot_n15_full, small_groot
 from quantvla_ros.models.groot.model import CategorySpecificLinear, GR00TN15Model
-from quantvla_ros.models.pi0.config import PI0Config, pi05_full, small_pi05
+from quantvla_ros.models.pi0.config import pi05_full, small_pi05
 from quantvla_ros.models.pi0.model import PI0Model
-from quantvla_ros.models.smolvla.config import SmolLMConfig, SmolVLAConfig, SmolVLMConfig, smolvla_full
+from quantvla_ros.models.smolvla.config import small_smolvla, smolvla_full
 from quantvla_ros.models.smolvla.model import SmolVLAModel
+from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.api import method_config, quantize_
 from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.quant.linear import QuantLinear
@@ -93,64 +91,25 @@ class Cost:
         return 1e3 * max(self.bytes / bandwidth, self.flops / rate)
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """What the benchmark needs of one model family."""
-
-    configs: dict[str, Callable[[], object]]
-    build: Callable[[object, torch.dtype], nn.Module]  # config, float dtype -> random-init model on the default device
-    inputs: Callable[[object, torch.device], dict[str, torch.Tensor]]  # config -> one batch
-    # (model, batch, optimized, torch.compile) -> ({stage name: fn}, fn of the whole call)
-    stages: Callable[[nn.Module, dict, bool, bool], tuple[dict[str, Callable[[], None]], Callable[[], None]]]
-    costs: Callable[[nn.Module, dict], dict[str, Cost]]  # model, batch -> cost per stage
-    quantized_layout: str
-
-
-# ---- π0 / π0.5 ------------------------------------------------------------------------
-def pi0_inputs(cfg: PI0Config, device: torch.device) -> dict[str, torch.Tensor]:
-    size, cams = cfg.vision.image_size, len(cfg.camera_names)
-    with device:
-        return dict(
-            images=torch.rand(1, cams, 3, size, size) * 2 - 1,
-            image_masks=torch.ones(1, cams, dtype=torch.bool),
-            tokens=torch.randint(0, cfg.vocab_size, (1, cfg.max_token_len)),
-            token_masks=torch.ones(1, cfg.max_token_len, dtype=torch.bool),
-            state=torch.zeros(1, cfg.action_dim),
-            noise=torch.randn(1, cfg.action_horizon, cfg.action_dim),
-        )
-
-
-def pi0_stages(model: PI0Model, batch: dict, optimized: bool, compile: bool):
-    prompt = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
+# ---- stages: every family's own, eager or through the engine -----------------------------------
+def run_stages(model: StagedModel, batch: dict, optimized: bool, compile: bool):
+    """({stage name: fn}, fn of the whole call) over one batch."""
     if optimized:
-        engine = PI0Engine(model, compile=compile)
-        stages = {
-            "vision": lambda: engine.embed(*prompt),
-            "prefix": engine.prefix,
-            "denoise": lambda: engine.denoise(batch["state"], batch["noise"]),
-        }
+        engine = StagedEngine(model, compile=compile)
+        engine.load(**batch)
+        stages = {"vision": engine.embed, "prefix": engine.prefix, "denoise": engine.denoise}
         return stages, lambda: engine.sample_actions(**batch)
-    # The plain model's own stages, as bench/latency.py times them.
-    held: dict = {}
-
-    def vision() -> None:
-        held["prefix"] = model.embed_prefix(*prompt)
-
-    def prefix() -> None:
-        held["kv"] = model.compute_prefix_kv(*held["prefix"])
-
-    @torch.no_grad()
-    def denoise() -> None:
-        n, x_t = model.cfg.num_steps, batch["noise"]
-        for step in range(n):
-            t = torch.full((1,), 1.0 - step / n, device=x_t.device)
-            x_t = x_t - model.velocity_cached(batch["state"], held["prefix"][1], held["kv"], x_t, t) / n
-
-    return {"vision": torch.no_grad()(vision), "prefix": torch.no_grad()(prefix), "denoise": denoise}, (
-        lambda: model.sample_actions(**batch)
-    )
+    ws = model.workspace(tuple(batch["images"].shape), batch["tokens"].shape[1])
+    ws.load(**batch)
+    stages = {
+        "vision": functools.partial(model.embed, ws),
+        "prefix": functools.partial(model.prefix, ws),
+        "denoise": lambda: model.denoise(ws, model.step_constants(model.cfg.num_steps)),
+    }
+    return stages, lambda: model.sample_actions(**batch)
 
 
+# ---- costs: FLOPs and bytes per stage, for the floor -------------------------------------------
 def linear_cost(modules: list[nn.Module], tokens: int) -> Cost:
     """FLOPs of `tokens` rows through each Linear / QuantLinear, and the bytes of its weight as stored."""
     cost = Cost()
@@ -193,80 +152,6 @@ def pi0_costs(model: PI0Model, batch: dict) -> dict[str, Cost]:
     kv_bytes = llm.depth * 2 * b * llm.num_kv_heads * (p + s) * llm.head_dim * model.compute_dtype.itemsize
     step += Cost(exp.depth * b * 4 * s * (p + s) * heads, kv_bytes)
     return {"vision": vision, "prefix": prefix, "denoise": step * cfg.num_steps}
-
-
-def build_pi0(cfg: PI0Config, dtype: torch.dtype) -> PI0Model:
-    return PI0Model(cfg).set_dtype(dtype).eval()
-
-
-# ---- GR00T N1.5 -------------------------------------------------------------------------
-def small_groot() -> GR00TConfig:
-    """A few-million-parameter GR00T N1.5 with every real input shape (1 camera at 224 px, horizon 16)."""
-    vision = SiglipConfig(image_size=224, patch_size=14, width=96, depth=4, num_heads=4, mlp_dim=384)
-    return GR00TConfig(
-        vision=vision,
-        llm=Qwen3Config(width=128, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32, vocab_size=1024),
-        vl_self_attention=TransformerConfig(num_heads=4, head_dim=32, depth=2),
-        dit=TransformerConfig(num_heads=4, head_dim=32, depth=4),
-        dit_output_dim=128,
-        hidden_size=128,
-        input_embedding_dim=128,
-        image_token_id=1023,
-        max_token_len=prompt_budget(1, vision.num_patches),
-    )
-
-
-def groot_inputs(cfg: GR00TConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    size, cams = cfg.image_size, len(cfg.camera_names)
-    slots = cams * cfg.tokens_per_image
-    with device:
-        tokens = torch.randint(0, cfg.image_token_id, (1, cfg.max_token_len))
-        # The image placeholders follow a short chat-template head, as the processor lays the prompt out.
-        tokens[:, 8 : 8 + slots] = cfg.image_token_id
-        return dict(
-            images=torch.rand(1, cams, 3, size, size) * 2 - 1,
-            image_masks=torch.ones(1, cams, dtype=torch.bool),
-            tokens=tokens,
-            token_masks=torch.ones(1, cfg.max_token_len, dtype=torch.bool),
-            state=torch.zeros(1, cfg.max_state_dim),
-            noise=torch.randn(1, cfg.action_horizon, cfg.action_dim),
-        )
-
-
-def groot_stages(model: GR00TN15Model, batch: dict, optimized: bool, compile: bool):
-    prompt = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
-    if optimized:
-        engine = GR00TEngine(model, compile=compile)
-        stages = {
-            "vision": lambda: engine.embed(*prompt),
-            "prefix": engine.prefix,
-            "denoise": lambda: engine.denoise(batch["state"], batch["noise"]),
-        }
-        return stages, lambda: engine.sample_actions(**batch)
-    # GR00TN15Model.sample_actions cut at the stage boundaries (its backbone runs vision and LLM in one call).
-    cfg, eagle, head = model.cfg, model.backbone.eagle_model, model.action_head
-    llm, masks, held = eagle.language_model.model, batch["token_masks"], {}
-
-    @torch.no_grad()
-    def vision() -> None:
-        vit = eagle.mlp1(eagle.vision_model(batch["images"].to(model.compute_dtype).flatten(0, 1)))
-        embeds = llm.embed_tokens(batch["tokens"])
-        slots = (batch["tokens"] == cfg.image_token_id)[..., None]
-        held["embeds"] = embeds.masked_scatter(slots, vit.to(embeds.dtype).reshape(1, -1, embeds.shape[-1]))
-
-    @torch.no_grad()
-    def prefix() -> None:
-        held["kv"] = head.model.cross_kv(head.vl_self_attention(head.vlln(llm(held["embeds"], masks)), masks))
-
-    @torch.no_grad()
-    def denoise() -> None:
-        state = head.state_encoder(batch["state"][:, None, :], cfg.embodiment_id)
-        n, x = cfg.num_steps, batch["noise"]
-        for step in range(n):
-            tau = torch.full((1,), int(step / n * cfg.num_timestep_buckets), device=x.device)
-            x = x + model.velocity(state, held["kv"], masks, x, tau) / n
-
-    return {"vision": vision, "prefix": prefix, "denoise": denoise}, lambda: model.sample_actions(**batch)
 
 
 def category_cost(layer: CategorySpecificLinear, tokens: int, in_rows: int | None = None) -> Cost:
@@ -313,66 +198,6 @@ def groot_costs(model: GR00TN15Model, batch: dict) -> dict[str, Cost]:
     return {"vision": vision, "prefix": prefix, "denoise": step * cfg.num_steps + state}
 
 
-def build_groot(cfg: GR00TConfig, dtype: torch.dtype) -> GR00TN15Model:
-    return GR00TN15Model(cfg).set_dtype(dtype).eval()
-
-
-# ---- SmolVLA ----------------------------------------------------------------------------
-def small_smolvla() -> SmolVLAConfig:
-    """A few-million-parameter SmolVLA with every real input shape (3 cameras at 512 px, 48 prompt slots)."""
-    vlm = SmolVLMConfig(
-        vision=SiglipConfig(image_size=512, patch_size=16, width=96, depth=4, num_heads=4, mlp_dim=384),
-        text=SmolLMConfig(width=128, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32),
-        scale_factor=4,
-        vocab_size=1024,
-    )
-    return SmolVLAConfig(vlm=vlm, num_vlm_layers=4)
-
-
-def smolvla_inputs(cfg: SmolVLAConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    size, cams = cfg.image_size, len(cfg.camera_names)
-    with device:
-        return dict(
-            images=torch.rand(1, cams, 3, size, size) * 2 - 1,
-            image_masks=torch.ones(1, cams, dtype=torch.bool),
-            tokens=torch.randint(0, cfg.vlm.vocab_size, (1, cfg.max_token_len)),
-            token_masks=torch.ones(1, cfg.max_token_len, dtype=torch.bool),
-            state=torch.zeros(1, cfg.max_state_dim),
-            noise=torch.randn(1, cfg.action_horizon, cfg.action_dim),
-        )
-
-
-def smolvla_stages(model: SmolVLAModel, batch: dict, optimized: bool, compile: bool):
-    # SmolVLA's state is the prefix's last token, so the vision stage embeds it.
-    prefix_inputs = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], batch["state"])
-    if optimized:
-        engine = SmolVLAEngine(model, compile=compile)
-        stages = {
-            "vision": lambda: engine.embed(*prefix_inputs),
-            "prefix": engine.prefix,
-            "denoise": lambda: engine.denoise(batch["noise"]),
-        }
-        return stages, lambda: engine.sample_actions(**batch)
-    held: dict = {}
-
-    def vision() -> None:
-        held["prefix"] = model.embed_prefix(*prefix_inputs)
-
-    def prefix() -> None:
-        held["context"] = model.expert_context(model.compute_prefix_kv(*held["prefix"]))
-
-    @torch.no_grad()
-    def denoise() -> None:
-        n, x_t = model.cfg.num_steps, batch["noise"]
-        for step in range(n):
-            t = torch.full((1,), 1.0 - step / n, device=x_t.device)
-            x_t = x_t - model.velocity_cached(held["prefix"][1], held["context"], x_t, t) / n
-
-    return {"vision": torch.no_grad()(vision), "prefix": torch.no_grad()(prefix), "denoise": denoise}, (
-        lambda: model.sample_actions(**batch)
-    )
-
-
 def smolvla_costs(model: SmolVLAModel, batch: dict) -> dict[str, Cost]:
     cfg, (b, cams) = model.cfg, batch["images"].shape[:2]
     vis, text, width = cfg.vlm.vision, cfg.text, cfg.expert.width
@@ -406,38 +231,21 @@ def smolvla_costs(model: SmolVLAModel, batch: dict) -> dict[str, Cost]:
     return {"vision": vision, "prefix": prefix, "denoise": step * cfg.num_steps}
 
 
-def build_smolvla(cfg: SmolVLAConfig, dtype: torch.dtype) -> SmolVLAModel:
-    return SmolVLAModel(cfg).set_dtype(dtype).eval()
+@dataclass(frozen=True)
+class ModelEntry:
+    build: type[StagedModel]
+    configs: dict[str, Callable[[], object]]
+    costs: Callable[[nn.Module, dict], dict[str, Cost]]  # model, batch -> cost per stage
 
 
 MODELS = {
     "pi05": ModelEntry(
-        configs={
-            "full": lambda: pi05_full().with_changes(action_horizon=50, max_token_len=200, num_steps=10),
-            "small": lambda: small_pi05().with_changes(action_horizon=50, num_steps=10),
-        },
-        build=build_pi0,
-        inputs=pi0_inputs,
-        stages=pi0_stages,
-        costs=pi0_costs,
-        quantized_layout="quantvla",
+        PI0Model,
+        {"full": pi05_full, "small": lambda: small_pi05().with_changes(action_horizon=50, num_steps=10)},
+        pi0_costs,
     ),
-    "groot": ModelEntry(
-        configs={"full": groot_n15_full, "small": small_groot},
-        build=build_groot,
-        inputs=groot_inputs,
-        stages=groot_stages,
-        costs=groot_costs,
-        quantized_layout="quantvla",
-    ),
-    "smolvla": ModelEntry(
-        configs={"full": smolvla_full, "small": small_smolvla},
-        build=build_smolvla,
-        inputs=smolvla_inputs,
-        stages=smolvla_stages,
-        costs=smolvla_costs,
-        quantized_layout="quantvla",
-    ),
+    "groot": ModelEntry(GR00TN15Model, {"full": groot_n15_full, "small": small_groot}, groot_costs),
+    "smolvla": ModelEntry(SmolVLAModel, {"full": smolvla_full, "small": small_smolvla}, smolvla_costs),
 }
 
 
@@ -465,12 +273,13 @@ def ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     return {"bandwidth_Bps": 2 * copy_bytes / copy_s, "matmul_flops": 2 * n**3 / mm_s, "matmul_n": n}
 
 
-def run_variant(entry: ModelEntry, model, batch, optimized, args, device) -> dict:
+@torch.no_grad()
+def run_variant(model: StagedModel, batch: dict, optimized: bool, args, device: torch.device) -> dict:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    stages, whole = entry.stages(model, batch, optimized, args.compile)
+    stages, whole = run_stages(model, batch, optimized, args.compile)
     for _ in range(args.warmup):
         whole()
         for fn in stages.values():
@@ -502,18 +311,19 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="pi05")
-    parser.add_argument("--config", choices=["full", "small"], default="full")
+    parser.add_argument("--config", choices=["full", "small"], help="full (default on CUDA) or small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runs", type=int, help="timed runs per variant (default 50 on CUDA, 3 on the CPU)")
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 5 on CUDA, 1 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile the engine's stages")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", help="also write the results to this file (after every variant)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; run on a GPU machine or pass --device cpu --config small.")
+    args.config = args.config or ("full" if cuda else "small")
     args.runs = args.runs or (50 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -528,31 +338,49 @@ def main() -> None:
         f"ceilings: copy {caps['bandwidth_Bps'] / 1e12:.2f} TB/s, {float_name} matmul "
         f"{caps['matmul_flops'] / 1e12:.1f} TFLOP/s ({caps['matmul_n']}³)"
     )
-    rows, model, memory = [], None, None
+    layout = LAYOUTS["quantvla"]
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": card,
+        "torch": torch.__version__,
+        "model": args.model,
+        "config": args.config,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "ceilings": caps,
+        "rows": [],
+    }
+    rows, model = report["rows"], None
     for name, quant, optimized in VARIANTS:
         if model is None or quant is not None:
             model = None
             gc.collect()
             torch.manual_seed(0)
             with device:
-                model = entry.build(cfg, dtype)
-            layout = LAYOUTS[entry.quantized_layout]
-            memory = memory or layout_memory(model, layout, w_bits=4)
+                model = entry.build(cfg).set_dtype(dtype).eval()
+            if "weight_memory" not in report:
+                memory = layout_memory(model, layout, w_bits=4)
+                report["weight_memory"] = {
+                    **{k: v for k, v in memory.items() if k != "modules"},
+                    "linears": len(memory["modules"]),
+                }
             if quant is not None:
+                w_bits, a_bits = quant
                 config = method_config(
                     "quantvla",
                     layout=layout,
-                    w_bits=quant[0],
-                    a_bits=quant[1],
+                    w_bits=w_bits,
+                    a_bits=a_bits,
                     atm=False,
                     ohb=False,
                     duquant_smoothing=False,
                 )
                 quantize_(model, config, progress=False)
-        batch = entry.inputs(cfg, device)
+        batch = model.example_inputs()
         label = name if quant else f"{float_name} {name}"
         t0 = time.perf_counter()
-        result = run_variant(entry, model, batch, optimized, args, device)
+        result = run_variant(model, batch, optimized, args, device)
         costs = entry.costs(model, batch)
         floor = {s: c.floor_ms(caps["bandwidth_Bps"], caps["matmul_flops"]) for s, c in costs.items()}
         floor["total"] = sum(floor.values())
@@ -566,36 +394,22 @@ def main() -> None:
                 "weight_and_kv_mb": {s: c.bytes / 1e6 for s, c in costs.items()},
             }
         )
+        for r in rows:
+            r["vs_eager"] = rows[0]["ms"]["total"] / r["ms"]["total"]
+            r["vs_optimized"] = rows[1]["ms"]["total"] / r["ms"]["total"] if len(rows) > 1 else None
+        if args.json:
+            write_json_atomic(Path(args.json), report)
         print(f"  {label}: {result['total']:.2f} ms ({time.perf_counter() - t0:.0f} s with warm-up)")
-    eager, optimized_row = rows[0]["ms"]["total"], rows[1]["ms"]["total"]
-    for r in rows:
-        r["vs_eager"] = eager / r["ms"]["total"]
-        r["vs_optimized"] = optimized_row / r["ms"]["total"]
     print()
     print_table(rows)
-    mib = 2**20
+    memory, mib = report["weight_memory"], 2**20
     print(
         f"\nweight memory of the quantized components ({memory['layout']} layout, "
-        f"{len(memory['modules'])} Linears): bf16 {memory['bf16_bytes'] / mib:.1f} MiB -> "
+        f"{memory['linears']} Linears): bf16 {memory['bf16_bytes'] / mib:.1f} MiB -> "
         f"W4 {memory['quantized_bytes'] / mib:.1f} MiB ({memory['ratio']:.2f}x); whole model in bf16 "
         f"{memory['model_bf16_bytes'] / mib:.1f} -> {memory['model_quantized_bytes'] / mib:.1f} MiB"
     )
     if args.json:
-        result = {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "device": card,
-            "torch": torch.__version__,
-            "model": args.model,
-            "config": args.config,
-            "runs": args.runs,
-            "warmup": args.warmup,
-            "compile": args.compile,
-            "ceilings": caps,
-            "rows": rows,
-            "weight_memory": {k: v for k, v in memory.items() if k != "modules"},
-        }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
 
 

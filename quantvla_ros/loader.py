@@ -1,6 +1,5 @@
 """`load_policy(path)`: a float checkpoint folder or a quantized artifact, as one `Policy`,
-run on CUDA by the family's inference engine (static buffers, precomputed timestep schedule,
-CUDA graphs)."""
+run on CUDA by the inference engine (static buffers, precomputed timestep schedule, CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -8,14 +7,10 @@ from pathlib import Path
 
 import torch
 
-from quantvla_ros.engine.groot_engine import GR00TEngine
-from quantvla_ros.engine.pi0_engine import PI0Engine
-from quantvla_ros.engine.smolvla_engine import SmolVLAEngine
+from quantvla_ros.engine.staged import StagedEngine
 from quantvla_ros.models.policy import Policy, default_dtype, load_float_policy
 from quantvla_ros.quant.artifact import is_artifact, load_artifact
 
-# Every family has an engine; a new family registers its own here.
-ENGINES = {"pi0": PI0Engine, "groot_n1_5": GR00TEngine, "smolvla": SmolVLAEngine}
 ENGINE_MODES = ("auto", "on", "off")  # auto = on CUDA
 
 
@@ -40,7 +35,7 @@ def load_policy(
 
 
 def use_engine(policy: Policy, engine: str) -> Policy:
-    """Run the policy through its family's engine: "on", "off", or "auto" (on CUDA only)."""
+    """Run the policy through the inference engine: "on", "off", or "auto" (on CUDA only)."""
     if engine == "on" or (engine == "auto" and policy.device.type == "cuda"):
-        policy.sampler = ENGINES[policy.model.FAMILY](policy.model)
+        policy.sampler = StagedEngine(policy.model)
     return policy

@@ -1,99 +1,106 @@
-"""What the inference engines share: three stages over static buffers, a schedule cache, CUDA graphs.
+"""The inference engine: a model's own stages over static buffers, a schedule cache and CUDA graphs.
 
-An engine runs one loaded model as embed() -> prefix() -> denoise(): the vision stage, the
-backbone pass that fills what every step reads, and the whole Euler loop. Each family's engine
-supplies the stages, its precomputed `_compute_schedule(n)` and `_allocate(...)` of the static
-buffers; this class validates inputs, reallocates on a new input shape (dropping the graphs
-captured on the old buffers), caches one schedule per step count and captures each stage as a
-CUDA graph on CUDA (eagerly elsewhere), optionally under torch.compile.
+`StagedEngine(model).sample_actions(...)` computes what `model.sample_actions(...)` computes, with
+the same code: both run the model's stages (models/stages.py) embed() -> prefix() -> denoise().
+What the engine adds is only around them:
+
+- the workspace (every tensor that crosses a stage) is allocated once per input shape (batch,
+  cameras, image size, prompt length) and reused, so its addresses stay fixed; a new shape
+  reallocates it and drops the graphs captured on the old one;
+- the schedule (`model.step_constants(n)`: time embeddings, adaptive-norm modulations, the time
+  half of the action-time MLP) is computed once per step count and kept;
+- on CUDA each stage is captured once as a CUDA graph and replayed: the vision stage, the prefix
+  pass and all Euler steps of the denoising loop (one graph per step count). On the CPU, or with
+  cuda_graphs=False, the same stages run eagerly. compile=True also wraps them in torch.compile.
+
+The stages are public so a benchmark can time them: load() the inputs, then embed(), prefix(),
+denoise(). Build the engine after quantizing or loading: the schedules and the graphs hold the
+model's weights as they were then. The engine runs for every family; it knows none of them.
 """
 
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
-from typing import Any
 
 import torch
-from torch import nn
 
 from quantvla_ros.engine.graphs import StageGraphs
+from quantvla_ros.models.stages import Schedule, StagedModel, Workspace
 
 
-class StagedEngine(ABC):
-    def __init__(self, model: nn.Module, cuda_graphs: bool = True, compile: bool = False) -> None:
-        """Subclasses set what their schedule needs first, then call this (it computes the default schedule)."""
+class StagedEngine:
+    def __init__(self, model: StagedModel, cuda_graphs: bool = True, compile: bool = False) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
-        self.dtype = model.compute_dtype
         self.device = model.device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.buffers: Any = None
+        self.workspace: Workspace | None = None
         self.graphs = StageGraphs(self.cuda_graphs)
-        self._schedules: dict[int, Any] = {}
+        self._schedules: dict[int, Schedule] = {}
         wrap = functools.partial(torch.compile, dynamic=False) if compile else (lambda fn: fn)
-        self._embed_stage = wrap(self._embed_stage)
-        self._prefix_stage = wrap(self._prefix_stage)
-        self._denoise_stage = wrap(self._denoise_stage)
+        self._embed, self._prefix, self._denoise = wrap(model.embed), wrap(model.prefix), wrap(model.denoise)
         self.schedule(self.cfg.num_steps)
 
     @torch.no_grad()
-    def prefix(self) -> None:
-        """The backbone pass over the embedded prompt: fills what every denoising step reads."""
-        self._require_buffers("prefix")
-        self.graphs.run("prefix", self._prefix_stage)
+    def sample_actions(
+        self,
+        images: torch.Tensor,
+        image_masks: torch.Tensor,
+        tokens: torch.Tensor,
+        token_masks: torch.Tensor,
+        state: torch.Tensor,
+        noise: torch.Tensor,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Normalized actions [B, horizon, action_dim] in fp32, as the model's own sample_actions."""
+        self.load(images, image_masks, tokens, token_masks, state, noise)
+        self.embed()
+        self.prefix()
+        return self.denoise(num_steps)
 
     @torch.no_grad()
-    def schedule(self, num_steps: int) -> Any:
-        """The precomputed schedule of an n-step integration (computed on first use, then kept)."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+    def load(
+        self,
+        images: torch.Tensor,
+        image_masks: torch.Tensor,
+        tokens: torch.Tensor,
+        token_masks: torch.Tensor,
+        state: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> None:
+        """Check one batch and copy it into the static workspace (reallocated for a new shape)."""
+        self.model.check_inputs(images, image_masks, tokens, token_masks, state, noise)
+        if self.workspace is None or not self.workspace.fits(images, tokens):
+            self.workspace = self.model.workspace(tuple(images.shape), tokens.shape[1])
+            self.graphs = StageGraphs(self.cuda_graphs)
+        self.workspace.load(images, image_masks, tokens, token_masks, state, noise)
+
+    @torch.no_grad()
+    def embed(self) -> None:
+        """Vision stage: the model's embed() over the loaded inputs."""
+        self.graphs.run("embed", functools.partial(self._embed, self._loaded("embed")))
+
+    @torch.no_grad()
+    def prefix(self) -> None:
+        """Backbone stage: fills what every denoising step reads."""
+        self.graphs.run("prefix", functools.partial(self._prefix, self._loaded("prefix")))
+
+    @torch.no_grad()
+    def denoise(self, num_steps: int | None = None) -> torch.Tensor:
+        """All Euler steps of the action expert; a copy of the actions [B, H, action_dim] fp32."""
+        ws = self._loaded("denoise")
+        schedule = self.schedule(num_steps or self.cfg.num_steps)
+        self.graphs.run(("denoise", schedule.num_steps), functools.partial(self._denoise, ws, schedule))
+        return ws.actions.clone()
+
+    @torch.no_grad()
+    def schedule(self, num_steps: int) -> Schedule:
+        """The step constants of an n-step integration (computed on first use, then kept)."""
         if num_steps not in self._schedules:
-            self._schedules[num_steps] = self._compute_schedule(num_steps)
+            self._schedules[num_steps] = self.model.step_constants(num_steps)
         return self._schedules[num_steps]
 
-    def _run_denoise(self, schedule: Any) -> torch.Tensor:
-        self.graphs.run(("denoise", schedule.num_steps), functools.partial(self._denoise_stage, schedule))
-        return self.buffers.actions.clone()
-
-    def _require_buffers(self, stage: str) -> Any:
-        if self.buffers is None:
-            raise RuntimeError(f"{type(self).__name__}.{stage}() needs the prefix; call embed() (and prefix()) first.")
-        return self.buffers
-
-    def _buffers_for(
-        self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_masks: torch.Tensor
-    ) -> Any:
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [batch, cameras, 3, height, width], got shape {tuple(images.shape)}.")
-        b, c = images.shape[:2]
-        if tuple(image_masks.shape) != (b, c):
-            raise ValueError(f"image_masks must be [{b}, {c}] to match images, got shape {tuple(image_masks.shape)}.")
-        if tokens.dim() != 2 or tokens.shape[0] != b:
-            raise ValueError(f"tokens must be [{b}, prompt length] to match images, got shape {tuple(tokens.shape)}.")
-        if token_masks.shape != tokens.shape:
-            raise ValueError(
-                f"token_masks must have the shape of tokens {list(tokens.shape)}, got {tuple(token_masks.shape)}."
-            )
-        buf = self.buffers
-        if buf is None or buf.images.shape != images.shape or buf.tokens.shape != tokens.shape:
-            self.buffers = buf = self._allocate(tuple(images.shape), tokens.shape[1])
-            self.graphs = StageGraphs(self.cuda_graphs)
-        return buf
-
-    @abstractmethod
-    def _compute_schedule(self, n: int) -> Any:
-        """Everything the timesteps of an n-step integration determine; has `num_steps`."""
-
-    @abstractmethod
-    def _allocate(self, image_shape: tuple[int, ...], prompt_len: int) -> Any:
-        """The static buffers for one input shape; they hold `images`, `tokens` and `actions`."""
-
-    @abstractmethod
-    def _embed_stage(self) -> None: ...
-
-    @abstractmethod
-    def _prefix_stage(self) -> None: ...
-
-    @abstractmethod
-    def _denoise_stage(self, schedule: Any) -> None: ...
+    def _loaded(self, stage: str) -> Workspace:
+        if self.workspace is None:
+            raise RuntimeError(f"StagedEngine.{stage}() needs inputs; call load() (or sample_actions()) first.")
+        return self.workspace

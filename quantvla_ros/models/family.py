@@ -1,11 +1,12 @@
 """What every policy family (π0 / π0.5, GR00T N1.5, SmolVLA) provides.
 
-Quantization, calibration, the `Policy` API, the ROS nodes and the CLI talk to a model only
-through these interfaces, so none of them special-cases a family:
+Quantization, calibration, the `Policy` API, the inference engine, the ROS nodes and the CLI
+talk to a model only through these interfaces, so none of them special-cases a family:
 
-    ActionModel      the nn.Module: flow-matching sampling over a `ModelInputs` batch, its
-                     Linear groups by module name (what a quantization layout selects from),
-                     and its action-expert attentions (where ATM's α and OHB's β fold)
+    StagedModel      (models/stages.py) the nn.Module: its stages and the flow-matching sampler
+                     over them, its Linear groups by module name (what a quantization layout
+                     selects from) and its action-expert attention sites (where ATM's α and
+                     OHB's β fold, observed through `attention_observer`)
     InputProcessor   robot observation -> model tensors (image geometry, prompt, tokenizer)
     ModelFamily      ties a model class to its checkpoint reader/writer and processor
 
@@ -18,18 +19,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from quantvla_ros.models.stages import StagedModel
+
 if TYPE_CHECKING:
     from quantvla_ros.models.common.checkpoint import CheckpointInfo
-
-# observer(site, q, k, allowed): post-RoPE queries [B, H, Tq, d], keys [B, Hkv, Tk, d] and the
-# bool mask [B, Tq, Tk] of one action-expert attention during a denoising step.
-AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def attention_linears(layers: str) -> str:
@@ -57,49 +56,6 @@ class AttentionSite:
     head_dim: int
 
 
-class ActionModel(Protocol):
-    """The module interface every family implements (see PI0Model for the reference one).
-
-    `cfg` carries at least action_dim, action_horizon, num_steps, camera_names, image_size.
-    """
-
-    FAMILY: ClassVar[str]  # key into the registry
-    # "llm" (every Linear of the language backbone), "expert_mlp", "expert_attention": one
-    # full-match regex each over module names; layouts are unions of these groups.
-    LINEAR_GROUPS: ClassVar[dict[str, str]]
-    cfg: Any
-    compute_dtype: torch.dtype
-    # Called at each attention_sites()[i] on every denoising step while set.
-    attention_observer: AttentionObserver | None
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def display_name(self) -> str:
-        """What error messages and summaries call this model, e.g. "π0.5" or "GR00T N1.5"."""
-        ...
-
-    def attention_sites(self) -> list[AttentionSite]: ...
-
-    def sample_actions(
-        self,
-        images: torch.Tensor,
-        image_masks: torch.Tensor,
-        tokens: torch.Tensor,
-        token_masks: torch.Tensor,
-        state: torch.Tensor,
-        noise: torch.Tensor,
-        num_steps: int | None = None,
-    ) -> torch.Tensor:
-        """Normalized actions [B, horizon, action_dim] in fp32 from noise of the same shape."""
-        ...
-
-    def set_dtype(self, dtype: torch.dtype) -> nn.Module: ...
-
-    def component_parameters(self) -> dict[str, int]: ...
-
-
 class InputProcessor(Protocol):
     """One family's input geometry and prompt; the Policy does normalization and checks."""
 
@@ -124,7 +80,7 @@ class ModelFamily:
     claims: Callable[[dict, Path], bool]
     # Folder + parsed config.json (+ optional asset/embodiment id) -> everything but the weights.
     read_checkpoint: Callable[[Path, dict, str | None], CheckpointInfo]
-    build_model: Callable[[Any], nn.Module]
+    build_model: Callable[[Any], StagedModel]
     # File tensors -> the model's keys; also returns keys dropped on purpose (unused heads).
     canonical_state_dict: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]]
     # The model's tensors under the file keys of a layout (inverse of canonical_state_dict).

@@ -20,8 +20,9 @@ import torch
 
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.common.normalizer import Normalizer, pad_to_dim
-from quantvla_ros.models.family import ActionModel, InputProcessor
+from quantvla_ros.models.family import InputProcessor
 from quantvla_ros.models.registry import load_model
+from quantvla_ros.models.stages import Sampler, StagedModel
 
 
 @dataclass
@@ -54,7 +55,7 @@ class ModelInputs:
 class Policy:
     def __init__(
         self,
-        model: ActionModel,
+        model: StagedModel,
         info: CheckpointInfo,
         processor: InputProcessor,
         action_dt: float | None = None,
@@ -62,7 +63,7 @@ class Policy:
     ) -> None:
         self.model = model
         # What runs sample_actions: the model itself, or an inference engine over it (see loader.py).
-        self.sampler: ActionModel = model
+        self.sampler: Sampler = model
         self.info = info
         self.processor = processor
         self.action_dt = action_dt

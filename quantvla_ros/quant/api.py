@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from quantvla_ros.data.buffer import CalibrationBuffer
-from quantvla_ros.models.family import ActionModel
+from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.activations import percentile_channel_scales
 from quantvla_ros.quant.calibration import ATMOHBResult, calibrate_atm_ohb, replay
 from quantvla_ros.quant.layout import LAYOUTS, Layout
@@ -117,7 +117,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def observe_inputs(
-    model: ActionModel,
+    model: StagedModel,
     names: list[str],
     buffer: CalibrationBuffer,
     on_input: Callable[[str, torch.Tensor], None],
@@ -138,7 +138,7 @@ def observe_inputs(
 
 
 def collect_input_absmax(
-    model: ActionModel, names: list[str], buffer: CalibrationBuffer, batch_size: int, seed: int
+    model: StagedModel, names: list[str], buffer: CalibrationBuffer, batch_size: int, seed: int
 ) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of each named Linear over full inference runs on the buffer."""
     absmax: dict[str, torch.Tensor] = {}
@@ -152,7 +152,7 @@ def collect_input_absmax(
 
 
 def collect_static_scales(
-    model: ActionModel,
+    model: StagedModel,
     transforms: dict[str, InputTransform | None],
     buffer: CalibrationBuffer,
     config: QuantConfig,
@@ -192,7 +192,7 @@ def make_transform(config: QuantConfig, weight: torch.Tensor, absmax: torch.Tens
 
 
 def quantize_(
-    model: ActionModel,
+    model: StagedModel,
     config: QuantConfig,
     buffer: CalibrationBuffer | None = None,
     batch_size: int = 8,

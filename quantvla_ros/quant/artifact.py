@@ -29,8 +29,9 @@ from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_json_atomic
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
-from quantvla_ros.models.family import ActionModel, ModelFamily
+from quantvla_ros.models.family import ModelFamily
 from quantvla_ros.models.registry import family_of, load_model
+from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.api import QuantRecord, _set_module
 from quantvla_ros.quant.linear import QuantLinear
 
@@ -68,7 +69,7 @@ def _copy_checkpoint_files(family: ModelFamily, src: Path, dst: Path) -> None:
 
 
 def save_artifact(
-    model: ActionModel,
+    model: StagedModel,
     source: CheckpointInfo,
     record: QuantRecord,
     out_dir: Path | str,
@@ -112,7 +113,7 @@ def save_artifact(
     return out_dir
 
 
-def weight_bytes(model: ActionModel, names: list[str]) -> dict:
+def weight_bytes(model: StagedModel, names: list[str]) -> dict:
     """Bytes of the quantized modules as stored, against the same modules in bf16."""
     quantized = sum(model.get_submodule(n).weight_bytes() for n in names)
     bf16 = sum(2 * model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
@@ -143,13 +144,13 @@ def verify_weights(path: Path, quant_config: dict) -> None:
 
 def load_artifact(
     path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[ActionModel, CheckpointInfo, ModelFamily, dict]:
+) -> tuple[StagedModel, CheckpointInfo, ModelFamily, dict]:
     path = Path(path)
     quant_config = read_quant_config(path)
     verify_weights(path, quant_config)
     modules = quant_config.get("modules", {})
 
-    def swap_in_quant_linears(model: ActionModel) -> None:
+    def swap_in_quant_linears(model: StagedModel) -> None:
         for name, spec in modules.items():
             _set_module(model, name, QuantLinear.from_spec(spec))
 

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from quantvla_ros.data.buffer import CalibrationBuffer
-from quantvla_ros.models.family import ActionModel
+from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.linear import QuantLinear
 
 
@@ -99,7 +99,7 @@ def sample_noise(buffer_size: int, horizon: int, action_dim: int, seed: int) -> 
 
 
 @torch.no_grad()
-def replay(model: ActionModel, buffer: CalibrationBuffer, batch_size: int, seed: int, desc: str | None = None) -> None:
+def replay(model: StagedModel, buffer: CalibrationBuffer, batch_size: int, seed: int, desc: str | None = None) -> None:
     """Full inferences over the buffer, each sample with its `sample_noise` draw; hooks observe them."""
     cfg = model.cfg
     noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
@@ -121,7 +121,7 @@ def replay(model: ActionModel, buffer: CalibrationBuffer, batch_size: int, seed:
 
 
 def collect_expert_statistics(
-    model: ActionModel, buffer: CalibrationBuffer, batch_size: int = 8, seed: int = 0, desc: str | None = None
+    model: StagedModel, buffer: CalibrationBuffer, batch_size: int = 8, seed: int = 0, desc: str | None = None
 ) -> ExpertStatistics:
     sites = model.attention_sites()
     heads = {site.num_heads for site in sites}
@@ -177,13 +177,13 @@ def _scale_rows(linear: torch.nn.Module, factor: torch.Tensor) -> None:
         linear.bias.data = (linear.bias.data.float() * factor.to(w.device)).to(linear.bias.dtype)
 
 
-def fold_atm(model: ActionModel, alpha: torch.Tensor) -> None:
+def fold_atm(model: StagedModel, alpha: torch.Tensor) -> None:
     """α [sites, heads] into the rows of each expert W_q, head by head."""
     for i, site in enumerate(model.attention_sites()):
         _scale_rows(model.get_submodule(site.q_proj), alpha[i].float().repeat_interleave(site.head_dim))
 
 
-def fold_ohb(model: ActionModel, beta: torch.Tensor) -> None:
+def fold_ohb(model: StagedModel, beta: torch.Tensor) -> None:
     """β [sites] into each expert W_o (and bias)."""
     for i, site in enumerate(model.attention_sites()):
         o_proj = model.get_submodule(site.o_proj)
@@ -213,8 +213,8 @@ class ATMOHBResult:
 
 
 def calibrate_atm_ohb(
-    teacher: ActionModel,
-    student: ActionModel,
+    teacher: StagedModel,
+    student: StagedModel,
     buffer: CalibrationBuffer,
     atm: bool = True,
     ohb: bool = True,

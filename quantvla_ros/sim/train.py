@@ -8,7 +8,8 @@ the episode end by repeating the last action. Norm stats (mean/std and q01/q99, 
 come from all steps; the tokenizer is trained on the prompts. Inputs go through the loaded
 `Policy` (its tokenizer, normalizer and state discretization), so training sees exactly what
 inference will. Loss (openpi): t ~ Beta(1.5, 1)·0.999 + 0.001, x_t = t·noise + (1 − t)·a,
-target u = noise − a, MSE against `velocity_full` over the 4 real action dims.
+target u = noise − a, MSE against the model's own velocity (the inference stages, with autograd)
+over the 4 real action dims.
 
 The output folder is a complete checkpoint from the first save on (config.json, tokenizer.model,
 assets/metaworld/norm_stats.json, model.safetensors, training.json), and the weights are
@@ -176,10 +177,14 @@ def flow_matching_loss(model: PI0Model, batch: dict[str, torch.Tensor], real_dim
     noise = torch.randn_like(actions)
     t = torch.distributions.Beta(1.5, 1.0).sample((b,)) * 0.999 + 0.001
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
-    prefix = model.embed_prefix(batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
-    # π0.5 reads the state from the prompt; the state argument is unused, so zeros do.
-    state = torch.zeros(b, model.cfg.action_dim)
-    v_t = model.velocity_full(prefix, state, x_t, t)
+    # The inference stages themselves, with autograd: embed and prefix fill a workspace, the velocity
+    # reads it. π0.5 reads the state from the prompt, so zeros stand in for the state input.
+    ws = model.workspace(tuple(batch["images"].shape), batch["tokens"].shape[1])
+    prompt = [batch[name] for name in ("images", "image_masks", "tokens", "token_masks")]
+    ws.load(*prompt, torch.zeros(b, model.cfg.max_state_dim), noise)
+    model.embed(ws)
+    model.prefix(ws)
+    v_t = model.velocity(ws, x_t, model.time_constants(t), model.state_token(ws))
     return F.mse_loss(v_t[..., :real_dims], (noise - actions)[..., :real_dims])
 
 

@@ -101,10 +101,10 @@ def test_quantvla_quantize_and_fidelity_run_unchanged_on_every_family(family_che
     capsys.readouterr()
     result = json.loads((report / "w8a8.json").read_text())
     assert result["samples"] == 6 and result["action_relative_mse"] < 0.05
-    # Every quantized layer that inference runs has a figure; SmolVLA never runs its last LLM
-    # layer's o_proj and MLP (nothing reads their output), so those four have none.
+    # Every quantized layer that inference runs has a figure; π0.5 and SmolVLA never run their last
+    # LLM layer's o_proj and MLP (the expert reads only that layer's K/V), so those four have none.
     measured, quantized_names = set(result["layer_sqnr_db"]), set(config["modules"])
-    assert measured <= quantized_names and len(quantized_names - measured) == (4 if family == "smolvla" else 0)
+    assert measured <= quantized_names and len(quantized_names - measured) == (0 if family == "groot" else 4)
 
 
 def sim_checkpoint(family: str, root: Path) -> Path:

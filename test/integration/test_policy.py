@@ -136,7 +136,7 @@ def test_bfloat16_policy_runs_on_cpu(checkpoints):
 @pytest.mark.parametrize("kind", KINDS, ids=IDS)
 def test_the_inference_engine_predicts_what_the_model_predicts(policies, checkpoints, kind):
     engine_policy = load_policy(checkpoints[kind], engine="on")
-    assert type(engine_policy.sampler).__name__ == "PI0Engine"
+    assert type(engine_policy.sampler).__name__ == "StagedEngine"
     assert policies[kind].sampler is policies[kind].model  # "auto" on the CPU runs the model itself
     eps = noise(engine_policy)
     expected = policies[kind].predict(observation(), eps).actions

@@ -27,6 +27,7 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from stages import INPUT_NAMES, prefilled
 from torch import nn
 from transformers.models.gemma import GemmaConfig as HFGemmaConfig
 from transformers.models.gemma import GemmaModel as HFGemmaModel
@@ -41,7 +42,7 @@ from transformers.models.smolvlm import SmolVLMConfig as HFSmolVLMConfig
 from transformers.models.smolvlm import SmolVLMModel as HFSmolVLMModel
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 
-from quantvla_ros.models.common.attention import attention, make_att_2d_masks
+from quantvla_ros.models.common.attention import attention, make_att_2d_masks, rope_cos_sin
 from quantvla_ros.models.common.gemma import GemmaConfig
 from quantvla_ros.models.common.llama import RMSNorm
 from quantvla_ros.models.common.qwen3 import Qwen3Config
@@ -263,13 +264,12 @@ def test_pi0_paligemma_prefix_matches_transformers() -> None:
     tokens = torch.randint(0, cfg.vocab_size, (b, text))
     token_masks = torch.ones(b, text, dtype=torch.bool)
     token_masks[0, 4:] = False  # π0 pads prompts on the right
+    zeros = torch.zeros(b, cfg.max_state_dim), torch.zeros(b, cfg.action_horizon, cfg.action_dim)
+    ws = prefilled(model, dict(zip(INPUT_NAMES, (images, image_masks, tokens, token_masks, *zeros), strict=True)))
+    pad, p = ws.prefix_pad, ws.prefix_pad.shape[1]
+    allowed = make_att_2d_masks(pad, torch.zeros_like(pad))
+    positions = torch.cumsum(pad.long(), dim=1) - 1
     with torch.no_grad():
-        embs, pad, ar = model.embed_prefix(images, image_masks, tokens, token_masks)
-        allowed = make_att_2d_masks(pad, ar)
-        positions = torch.cumsum(pad.long(), dim=1) - 1
-        (got, _), _ = model.run_layers([embs, None], [None, None], positions, allowed)
-        got_kv = model.compute_prefix_kv(embs, pad, ar)
-
         # HF's pieces composed as openpi composes them: image features unscaled, text embeddings
         # × √width (transformers 5 folds that scale into Gemma's embedding layer).
         image_features = reference.get_image_features(pixel_values=images.flatten(0, 1)).pooler_output
@@ -279,18 +279,18 @@ def test_pi0_paligemma_prefix_matches_transformers() -> None:
         expected = reference.language_model(
             inputs_embeds=ref_embs, attention_mask=additive_mask(allowed), position_ids=positions, use_cache=True
         )
-    assert_parity(embs, ref_embs)
-    assert_parity(got[pad], expected.last_hidden_state[pad])  # after the final norm
-    # The K/V cache the action expert reads: post-RoPE keys and values of every layer.
-    for (k, v), layer in zip(got_kv, expected.cache.layers, strict=True):
+    assert_parity(ws.prefix_embs, ref_embs)
+    # The K/V cache the action expert reads: post-RoPE keys and values of every layer (the last
+    # layer's output is never read at inference, and every other layer's feeds the next one's K/V).
+    for cache, layer in zip(ws.kv, expected.cache.layers, strict=True):
         for row in range(b):
-            assert_parity(k[row][:, pad[row]], layer.keys[row][:, pad[row]])
-            assert_parity(v[row][:, pad[row]], layer.values[row][:, pad[row]])
+            assert_parity(cache[0, row, :, :p][:, pad[row]], layer.keys[row][:, pad[row]])
+            assert_parity(cache[1, row, :, :p][:, pad[row]], layer.values[row][:, pad[row]])
 
 
 def test_pi0_action_expert_matches_transformers_gemma() -> None:
-    """The expert stream alone through run_layers (as in a cached denoising step, minus the
-    prefix) equals an HF GemmaModel; π0's expert has no token embedding, so HF's is dropped."""
+    """The expert stream as a denoising step runs it, with the prefix masked out of its view,
+    equals an HF GemmaModel; π0's expert has no token embedding, so HF's is dropped."""
     torch.manual_seed(0)
     cfg = pi0_config()
     model = PI0Model(cfg).eval()
@@ -303,12 +303,18 @@ def test_pi0_action_expert_matches_transformers_gemma() -> None:
     x = torch.randn(b, t, cfg.expert.width)
     # π0's suffix mask: the state token and the first action open causal blocks, the actions
     # attend to each other bidirectionally.
-    pad = torch.ones(b, t, dtype=torch.bool)
     ar = torch.tensor([1, 1] + [0] * (t - 2), dtype=torch.bool)[None].expand(b, -1)
-    allowed = make_att_2d_masks(pad, ar)
+    allowed = make_att_2d_masks(torch.ones(b, t, dtype=torch.bool), ar)
     positions = torch.arange(t)[None].expand(b, -1) + torch.tensor([[5], [9]])  # as if after a prefix
+    ws = model.workspace((b, len(cfg.camera_names), 3, cfg.image_size, cfg.image_size), 4)
+    p = ws.prefix_pad.shape[1]
+    ws.suffix_mask.copy_(torch.cat([torch.zeros(b, t, p, dtype=torch.bool), allowed], dim=2))
+    ws.suffix_bias.copy_(additive_mask(ws.suffix_mask))
+    cos, sin = rope_cos_sin(positions, cfg.expert.head_dim, cfg.expert.rope_theta)
+    ws.suffix_cos.copy_(cos)
+    ws.suffix_sin.copy_(sin)
     with torch.no_grad():
-        (_, got), _ = model.run_layers([None, x], [None, None], positions, allowed)
+        got = model.expert_stream(ws, x, None)
         expected = reference(inputs_embeds=x, attention_mask=additive_mask(allowed), position_ids=positions)
     assert_parity(got, expected.last_hidden_state)
 
@@ -372,8 +378,12 @@ def test_smolvla_backbone_matches_transformers_smolvlm() -> None:
     ar[:, -1] = True
     allowed = make_att_2d_masks(pad, ar)
     positions = torch.cumsum(pad.long(), dim=1) - 1
+    # A workspace with no camera whose prefix is these embeddings (prompt_len + the state token = t).
+    ws = model.workspace((b, 0, 3, cfg.image_size, cfg.image_size), t - 1)
+    ws.prefix_embs.copy_(embs)
+    ws.prefix_pad.copy_(pad)
     with torch.no_grad():
-        got_kv = model.compute_prefix_kv(embs, pad, ar)
+        model.prefix(ws)
         x = embs
         cos, sin = model.rope(positions)
         for layer in model.llm.layers:
@@ -383,11 +393,20 @@ def test_smolvla_backbone_matches_transformers_smolvlm() -> None:
         expected = reference.text_model(
             inputs_embeds=embs, attention_mask=additive_mask(allowed), position_ids=positions, use_cache=True
         )
+        self_kv, cross_kv = iter(ws.self_kv), iter(ws.cross_kv)
+        for i, (expert_layer, layer) in enumerate(zip(model.expert.layers, expected.cache.layers, strict=True)):
+            # What expert layer i attends to in the prefix: the text layer's K/V, or for a
+            # cross-attention layer their projection through its own k/v_proj.
+            if cfg.is_cross_layer(i):
+                got_k, got_v = next(cross_kv)
+                want_k, want_v = expert_layer.cross_key_value(layer.keys, layer.values)
+            else:
+                got_k, got_v = next(self_kv)[:, :, :, :t]
+                want_k, want_v = layer.keys, layer.values
+            for row in range(b):
+                assert_parity(got_k[row][:, pad[row]], want_k[row][:, pad[row]])
+                assert_parity(got_v[row][:, pad[row]], want_v[row][:, pad[row]])
     assert_parity(got[pad], expected.last_hidden_state[pad])
-    for (k, v), layer in zip(got_kv, expected.cache.layers, strict=True):
-        for row in range(b):
-            assert_parity(k[row][:, pad[row]], layer.keys[row][:, pad[row]])
-            assert_parity(v[row][:, pad[row]], layer.values[row][:, pad[row]])
 
 
 # ---- 5. GR00T's action head vs diffusers ---------------------------------------------------------
@@ -509,12 +528,18 @@ def test_groot_dit_matches_diffusers_blocks() -> None:
     context = torch.randn(b, s, cfg.llm.width)
     tau = torch.tensor([250, 750])
     full = torch.ones(b, s, dtype=torch.bool)
+
+    def run(mask: torch.Tensor) -> torch.Tensor:
+        blocks, output = dit.time_modulations(tau)
+        bias = additive_mask(mask[:, None, :].expand(b, t, s))
+        return dit.output(dit(x, blocks, dit.cross_kv(context), bias), output)
+
     with torch.no_grad():
-        assert_parity(dit(x, tau, dit.cross_kv(context), full), reference(x, context, tau))
+        assert_parity(run(full), reference(x, context, tau))
         # Row 0 with 3 left-padding VL tokens, masked as keys, against the reference without them.
         mask = full.clone()
         mask[0, :3] = False
-        got = dit(x, tau, dit.cross_kv(context), mask)
+        got = run(mask)
         assert_parity(got[0], reference(x[:1], context[:1, 3:], tau[:1])[0])
         assert_parity(got[1], reference(x[1:], context[1:], tau[1:])[0])
 

@@ -75,19 +75,20 @@ def model() -> PI0Model:
     return PI0Model(tiny(True)).eval()
 
 
-def velocity(model: PI0Model) -> torch.Tensor:
+def one_step(model: PI0Model) -> torch.Tensor:
+    """One Euler step from fixed noise on a fixed observation: noise minus the velocity at t = 1."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(5)
     size = cfg.vision.image_size
-    prefix = model.embed_prefix(
+    return model.sample_actions(
         torch.rand(1, 2, 3, size, size, generator=g) * 2 - 1,
         torch.ones(1, 2, dtype=torch.bool),
         torch.randint(0, cfg.vocab_size, (1, cfg.max_token_len), generator=g),
         torch.ones(1, cfg.max_token_len, dtype=torch.bool),
+        torch.zeros(1, cfg.max_state_dim),
+        torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=g),
+        num_steps=1,
     )
-    kv = model.compute_prefix_kv(*prefix)
-    x = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=g)
-    return model.velocity_cached(torch.zeros(1, cfg.action_dim), prefix[1], kv, x, torch.tensor([0.6]))
 
 
 def explicit_scaling(model: PI0Model, alpha: torch.Tensor, beta: torch.Tensor) -> list:
@@ -112,13 +113,13 @@ def test_folding_equals_explicit_run_time_scaling(model, quantized_projections):
             attn.q_proj = QuantLinear.from_float(attn.q_proj, w_bits=8, a_bits=8)
             attn.o_proj = QuantLinear.from_float(attn.o_proj, w_bits=8, a_bits=8)
     hooks = explicit_scaling(model, alpha, beta)
-    explicit = velocity(model)
+    explicit = one_step(model)
     for h in hooks:
         h.remove()
-    unscaled = velocity(model)
+    unscaled = one_step(model)
     fold_atm(model, alpha)
     fold_ohb(model, beta)
-    folded = velocity(model)
+    folded = one_step(model)
     assert (explicit - unscaled).abs().max() > 1e-3  # the scales matter
     torch.testing.assert_close(folded, explicit, rtol=1e-4, atol=1e-5)
 

@@ -55,24 +55,19 @@ def test_sample_actions_shapes_and_finite(model):
     assert not torch.allclose(out, inputs()["noise"])
 
 
-def test_cross_attention_kv_is_computed_once_and_equals_per_step_recomputation(model):
+def test_cross_attention_kv_is_computed_once_per_inference_not_per_step(model):
     calls = []
     hooks = [
         block.attn1.to_k.register_forward_hook(lambda *_: calls.append(1))
         for i, block in enumerate(model.action_head.model.transformer_blocks)
         if DiT.is_cross(i)
     ]
-    cross_blocks = len(hooks)
     try:
-        cached = model.sample_actions(**inputs())
-        assert len(calls) == cross_blocks
-        calls.clear()
-        recomputed = model.sample_actions(**inputs(), cache_cross_kv=False)
-        assert len(calls) == cross_blocks * CFG.num_steps
+        model.sample_actions(**inputs())
     finally:
         for h in hooks:
             h.remove()
-    torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-6)
+    assert CFG.num_steps > 1 and len(calls) == len(hooks) > 0
 
 
 def test_deterministic_given_noise_and_noise_matters(model):
@@ -97,7 +92,8 @@ def test_euler_schedule_uses_gr00t_discrete_times(model):
         model.sample_actions(**inputs(batch=1), num_steps=2)
     finally:
         hook.remove()
-    assert [int(t.item()) for t in seen] == [0, 250, 500, 750, 0, 500]
+    # The timestep encoder runs once per inference, over every step's τ at once.
+    assert [t.tolist() for t in seen] == [[0, 250, 500, 750], [0, 500]]
 
 
 def test_time_runs_from_noise_to_actions_over_unit_time():
@@ -123,7 +119,7 @@ def test_adaptive_norm_splits_scale_then_shift_and_the_output_layer_shift_then_s
     with torch.no_grad():
         block.norm1.linear.weight.zero_()
         block.norm1.linear.bias.copy_(torch.cat([first, second]))
-    torch.testing.assert_close(block.norm1(x, temb), normed * (1 + first) + second)
+    torch.testing.assert_close(block.norm1(x, block.norm1.modulation(temb)), normed * (1 + first) + second)
 
     dit = DiT(dit_cfg, context_dim=width, output_dim=width)
     with torch.no_grad():
@@ -131,7 +127,8 @@ def test_adaptive_norm_splits_scale_then_shift_and_the_output_layer_shift_then_s
         dit.proj_out_1.bias.copy_(torch.cat([first, second]))
         dit.proj_out_2.weight.copy_(torch.eye(width))
         dit.proj_out_2.bias.zero_()
-    torch.testing.assert_close(dit.output(x, temb), F.layer_norm(x, (width,), eps=1e-6) * (1 + second) + first)
+    modulation = dit.proj_out_1(F.silu(temb))
+    torch.testing.assert_close(dit.output(x, modulation), F.layer_norm(x, (width,), eps=1e-6) * (1 + second) + first)
 
 
 @pytest.fixture(scope="module")

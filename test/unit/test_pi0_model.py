@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from stages import prefilled
 
-from quantvla_ros.models.common.attention import make_att_2d_masks
+from quantvla_ros.models.common.attention import apply_rope, attention, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.embeddings import sincos_time_embedding
 from quantvla_ros.models.pi0.config import PI0Config, pi0_full, pi05_full, tiny
-from quantvla_ros.models.pi0.model import PI0Model, sincos_time_embedding
+from quantvla_ros.models.pi0.model import PI0Model
 
 pytestmark = pytest.mark.unit
 
@@ -52,24 +55,80 @@ def test_same_noise_same_actions_and_other_noise_other_actions(model):
     assert (model.sample_actions(**batch) - a).abs().max() > 1e-3
 
 
-def test_cached_prefix_matches_full_recomputation(model):
-    batch = inputs(model.cfg)
-    cached = model.sample_actions(**batch, use_cache=True)
-    full = model.sample_actions(**batch, use_cache=False)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+def joint_velocity(model: PI0Model, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor):
+    """openpi's training forward, written out independently: the LLM and the expert side by side
+    in one pass over [prefix ; suffix], each layer's attention over the concatenated sequence
+    under big_vision's mask (the prefix never sees the suffix); the action-time MLP over the
+    concatenation, adaRMS from the time condition of each sample."""
+    cfg = model.cfg
+    embs, prefix_pad = model.embed_prefix(batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
+    b, p = prefix_pad.shape
+    h, width = cfg.action_horizon, cfg.expert.width
+    time_emb = sincos_time_embedding(t, width)
+    action_emb = model.action_in_proj(x_t)
+    if cfg.pi05:
+        cond = F.silu(model.time_mlp_out(F.silu(model.time_mlp_in(time_emb))))
+        suffix, suffix_ar = action_emb, [1] + [0] * (h - 1)
+    else:
+        cond = None
+        fused = torch.cat([action_emb, time_emb[:, None, :].expand(b, h, width)], dim=2)
+        action_time = model.action_time_mlp_out(F.silu(model.action_time_mlp_in(fused)))
+        suffix = torch.cat([model.state_proj(batch["state"])[:, None, :], action_time], dim=1)
+        suffix_ar = [1, 1] + [0] * (h - 1)
+    s = suffix.shape[1]
+    pad = torch.cat([prefix_pad, torch.ones(b, s, dtype=torch.bool)], dim=1)
+    ar = torch.cat([torch.zeros(b, p, dtype=torch.bool), torch.tensor([suffix_ar], dtype=torch.bool).expand(b, s)], 1)
+    allowed = make_att_2d_masks(pad, ar)
+    cos, sin = rope_cos_sin(torch.cumsum(pad.long(), dim=1) - 1, cfg.llm.head_dim, cfg.llm.rope_theta)
+
+    def modulation(norm):
+        return None if cond is None else norm.modulation(cond)
+
+    xp, xs = embs, suffix
+    for llm_layer, expert_layer in zip(model.llm.layers, model.expert.layers, strict=True):
+        qp, kp, vp, _ = llm_layer.project_qkv(xp)
+        qs, ks, vs, gate = expert_layer.project_qkv(xs, modulation(expert_layer.input_layernorm))
+        q, k = (apply_rope(torch.cat(pair, dim=2), cos, sin) for pair in ((qp, qs), (kp, ks)))
+        out = attention(q, k, torch.cat([vp, vs], dim=2), allowed)
+        xp = llm_layer.finish(xp, out[:, :p], None)
+        xs = expert_layer.finish(xs, out[:, p:], gate, modulation(expert_layer.post_attention_layernorm))
+    out, _ = model.expert.norm(xs, modulation(model.expert.norm))
+    return model.action_out_proj(out[:, -h:])
 
 
-def test_cache_is_not_grown_by_denoising_steps(model):
+@torch.no_grad()
+def test_cached_steps_compute_openpis_joint_training_velocity(model):
     batch = inputs(model.cfg)
-    prefix = model.embed_prefix(batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
-    kv = model.compute_prefix_kv(*prefix)
-    before = [(k.clone(), v.clone()) for k, v in kv]
-    t = torch.full((2,), 0.7)
-    for _ in range(3):
-        model.velocity_cached(batch["state"], prefix[1], kv, batch["noise"], t)
-    assert len(kv) == model.cfg.llm.depth
-    for (k0, v0), (k1, v1) in zip(before, kv, strict=True):
-        assert k1.shape == k0.shape and torch.equal(k0, k1) and torch.equal(v0, v1)
+    ws = prefilled(model, batch)
+    t = torch.tensor([0.9, 0.25])
+    got = model.velocity(ws, batch["noise"], model.time_constants(t), model.state_token(ws))
+    torch.testing.assert_close(got, joint_velocity(model, batch, batch["noise"], t), rtol=1e-5, atol=1e-5)
+
+
+def test_denoising_steps_leave_the_prefix_cache_as_it_was(model):
+    batch = inputs(model.cfg)
+    ws = prefilled(model, batch)
+    p = ws.prefix_pad.shape[1]
+    before = [cache[:, :, :, :p].clone() for cache in ws.kv]
+    model.denoise(ws, model.step_constants(3))
+    assert len(ws.kv) == model.cfg.llm.depth
+    for cache, old in zip(ws.kv, before, strict=True):
+        assert torch.equal(cache[:, :, :, :p], old)
+
+
+def test_training_through_the_stages_gets_gradients_to_every_part(model):
+    """sim/train.py runs embed, prefix and velocity with autograd: the cache writes must not break it."""
+    batch = inputs(model.cfg)
+    ws = model.workspace(tuple(batch["images"].shape), batch["tokens"].shape[1])
+    ws.load(**batch)
+    model.embed(ws)
+    model.prefix(ws)
+    v = model.velocity(ws, batch["noise"], model.time_constants(torch.tensor([0.3, 0.7])), model.state_token(ws))
+    v.square().mean().backward()
+    for part in (model.action_out_proj, model.expert.layers[0].mlp.down_proj, model.llm.layers[0].self_attn.k_proj):
+        assert part.weight.grad is not None and part.weight.grad.abs().max() > 0
+    vision = model.paligemma_with_expert.paligemma.model.vision_tower
+    assert next(vision.parameters()).grad.abs().max() > 0
 
 
 def test_masked_camera_and_padded_tokens_do_not_influence_actions(model):

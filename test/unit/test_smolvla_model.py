@@ -7,16 +7,15 @@ import re
 import pytest
 import torch
 from smolvla_fixtures import model_inputs, tiny_model
+from stages import prefilled
 from torch import nn
 
+from quantvla_ros.models.common.attention import attention, make_att_2d_masks
+from quantvla_ros.models.common.embeddings import sincos_time_embedding
 from quantvla_ros.models.smolvla.config import expert_mlp_dim, smolvla_full, smolvla_tiny
 from quantvla_ros.models.smolvla.model import SmolVLAModel, pixel_shuffle
 
 pytestmark = pytest.mark.unit
-
-
-def embed_prefix(model: SmolVLAModel, batch: dict[str, torch.Tensor]):
-    return model.embed_prefix(*(batch[k] for k in ("images", "image_masks", "tokens", "token_masks", "state")))
 
 
 @pytest.fixture
@@ -45,61 +44,95 @@ def test_same_noise_same_actions_and_other_noise_other_actions(model):
     assert (model.sample_actions(**batch) - first).abs().max() > 1e-3
 
 
-def test_cached_prefix_matches_full_recomputation(model):
-    batch = model_inputs(model.cfg)
-    cached = model.sample_actions(**batch, use_cache=True)
-    full = model.sample_actions(**batch, use_cache=False)
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
-
-
-def test_cache_and_expert_context_are_not_grown_by_denoising_steps(model):
-    batch = model_inputs(model.cfg)
-    prefix = model.embed_prefix(
+def joint_velocity(model: SmolVLAModel, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor):
+    """LeRobot's training forward, written out independently: one pass over [prefix ; suffix] where
+    self-attention layers attend jointly (the prefix never to the suffix) and cross-attention
+    layers let the prefix attend to itself and the actions to the prefix K/V re-projected by the
+    expert's k/v_proj, queries at positions from 0; the action-time MLP over the concatenation."""
+    cfg = model.cfg
+    prefix_embs, prefix_pad = model.embed_prefix(
         batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], batch["state"]
     )
-    context = model.expert_context(model.compute_prefix_kv(*prefix))
-    before = [(k.clone(), v.clone()) for k, v in context]
-    for t in (1.0, 0.6, 0.3):
-        model.velocity_cached(prefix[1], context, batch["noise"], torch.full((2,), t))
-    prefix_len = prefix[0].shape[1]
-    assert len(context) == model.cfg.num_vlm_layers
-    for (k0, v0), (k1, v1) in zip(before, context, strict=True):
-        assert k1.shape[2] == prefix_len
-        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    b, p = prefix_pad.shape
+    h = cfg.action_horizon
+    time_emb = sincos_time_embedding(t, cfg.expert.width, cfg.min_period, cfg.max_period)
+    action_emb = model.action_in_proj(x_t)
+    fused = torch.cat([action_emb, time_emb[:, None, :].expand(b, h, -1)], dim=2)
+    suffix = model.action_time_mlp_out(torch.nn.functional.silu(model.action_time_mlp_in(fused)))
+    prefix_ar = torch.zeros(b, p, dtype=torch.bool)
+    prefix_ar[:, -1] = True
+    pad = torch.cat([prefix_pad, torch.ones(b, h, dtype=torch.bool)], dim=1)
+    allowed = make_att_2d_masks(pad, torch.cat([prefix_ar, torch.ones(b, h, dtype=torch.bool)], dim=1))
+    positions = torch.cumsum(pad.long(), dim=1) - 1
+    cos, sin = model.rope(positions)
+    cross_rope = model.rope(positions[:, p:] - positions[:, p:].min(dim=1, keepdim=True).values)
+    xp, xs = prefix_embs, suffix
+    for i, (vlm_layer, expert_layer) in enumerate(zip(model.llm.layers, model.expert.layers, strict=True)):
+        qp, kp, vp = vlm_layer.query_key_value(xp, cos[:, :, :p], sin[:, :, :p])
+        if cfg.is_cross_layer(i):
+            out_p = attention(qp, kp, vp, allowed[:, :p, :p])
+            ks, vs = expert_layer.cross_key_value(kp, vp)
+            out_s = attention(expert_layer.query(xs, *cross_rope), ks, vs, allowed[:, p:, :p])
+        else:
+            qs, ks, vs = expert_layer.query_key_value(xs, cos[:, :, p:], sin[:, :, p:])
+            out = attention(torch.cat([qp, qs], dim=2), torch.cat([kp, ks], dim=2), torch.cat([vp, vs], dim=2), allowed)
+            out_p, out_s = out[:, :p], out[:, p:]
+        xp, xs = vlm_layer.finish(xp, out_p), expert_layer.finish(xs, out_s)
+    return model.action_out_proj(model.expert.norm(xs)[:, -h:])
 
 
+@torch.no_grad()
+def test_cached_steps_compute_lerobots_joint_training_velocity(model):
+    batch = model_inputs(model.cfg)
+    ws = prefilled(model, batch)
+    t = torch.tensor([0.8, 0.3])
+    got = model.velocity(ws, batch["noise"], model.time_constants(t))
+    torch.testing.assert_close(got, joint_velocity(model, batch, batch["noise"], t), rtol=1e-5, atol=1e-5)
+
+
+def test_denoising_steps_leave_the_prefix_caches_as_they_were(model):
+    batch = model_inputs(model.cfg)
+    ws = prefilled(model, batch)
+    p = ws.prefix_pad.shape[1]
+    before = [c[:, :, :, :p].clone() for c in ws.self_kv] + [c.clone() for c in ws.cross_kv]
+    model.denoise(ws, model.step_constants(3))
+    after = [c[:, :, :, :p] for c in ws.self_kv] + ws.cross_kv
+    assert len(before) == model.cfg.num_vlm_layers
+    for b, a in zip(before, after, strict=True):
+        assert torch.equal(b, a)
+
+
+@torch.no_grad()
 def test_action_tokens_attend_causally(model):
     batch = model_inputs(model.cfg)
-    prefix = model.embed_prefix(
-        batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"], batch["state"]
-    )
-    context = model.expert_context(model.compute_prefix_kv(*prefix))
-    t = torch.full((2,), 0.5)
-    reference = model.velocity_cached(prefix[1], context, batch["noise"], t)
+    ws = prefilled(model, batch)
+    time = model.time_constants(torch.full((2,), 0.5))
+    reference = model.velocity(ws, batch["noise"], time)
     last_moved = batch["noise"].clone()
     last_moved[:, -1] += 1.0
-    moved = model.velocity_cached(prefix[1], context, last_moved, t)
+    moved = model.velocity(ws, last_moved, time)
     torch.testing.assert_close(moved[:, :-1], reference[:, :-1], rtol=0, atol=1e-6)
     assert (moved[:, -1] - reference[:, -1]).abs().max() > 1e-4
     first_moved = batch["noise"].clone()
     first_moved[:, 0] += 1.0
-    moved = model.velocity_cached(prefix[1], context, first_moved, t)
+    moved = model.velocity(ws, first_moved, time)
     assert (moved[:, -1] - reference[:, -1]).abs().max() > 1e-4
 
 
 def test_prefix_never_sees_the_state_token_but_actions_do(model):
     batch = model_inputs(model.cfg)
-    args = (batch["images"], batch["image_masks"], batch["tokens"], batch["token_masks"])
-    prefix = model.embed_prefix(*args, batch["state"])
-    kv = model.compute_prefix_kv(*prefix)
-    kv_moved = model.compute_prefix_kv(*model.embed_prefix(*args, batch["state"] + 1.0))
+    ws = prefilled(model, batch)
+    moved_ws = prefilled(model, {**batch, "state": batch["state"] + 1.0})
+    p = ws.prefix_pad.shape[1]
     # Every valid token before the state keeps its K/V (padding rows see nothing and are never read).
-    before_state = prefix[1].clone()
+    before_state = ws.prefix_pad.clone()
     before_state[:, -1] = False
-    for (k, v), (k2, v2) in zip(kv, kv_moved, strict=True):
-        torch.testing.assert_close(k2.transpose(1, 2)[before_state], k.transpose(1, 2)[before_state], rtol=0, atol=1e-6)
-        torch.testing.assert_close(v2.transpose(1, 2)[before_state], v.transpose(1, 2)[before_state], rtol=0, atol=1e-6)
-    assert (kv_moved[-1][1][:, :, -1] - kv[-1][1][:, :, -1]).abs().max() > 1e-4
+    for cache, moved in zip(ws.self_kv + ws.cross_kv, moved_ws.self_kv + moved_ws.cross_kv, strict=True):
+        for kv, kv_moved in zip(cache[:, :, :, :p], moved[:, :, :, :p], strict=True):
+            torch.testing.assert_close(
+                kv_moved.transpose(1, 2)[before_state], kv.transpose(1, 2)[before_state], rtol=0, atol=1e-6
+            )
+    assert (moved_ws.self_kv[-1][1][:, :, p - 1] - ws.self_kv[-1][1][:, :, p - 1]).abs().max() > 1e-4
     reference = model.sample_actions(**batch)
     batch["state"] = batch["state"] + 1.0
     assert (model.sample_actions(**batch) - reference).abs().max() > 1e-4

@@ -1,9 +1,10 @@
-"""Gemma decoder layers as π0 uses them: split into the halves around joint attention.
+"""Gemma decoder layers as π0 uses them: split into the halves around attention.
 
-π0 runs the PaliGemma LLM and the action expert side by side: in every layer each stream
-computes Q, K and V with its own weights, one attention runs over the concatenated
-sequence, and each stream finishes the layer (o_proj, MLP, norms) with its own weights.
-So a layer here exposes `project_qkv` and `finish` rather than a single forward.
+π0's action expert attends to the LLM's cached keys and values as well as its own, so the
+caller runs attention between a layer's `project_qkv` and `finish` (writing K/V into a cache in
+between) rather than the layer running a single forward. π0.5's expert norms are adaptive: they
+take a modulation (scale, shift, gate) that depends on the timestep only and is computed once
+per timestep by `AdaRMSNorm.modulation`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, modulation: None = None) -> tuple[torch.Tensor, None]:
+        """The norm of x, and no residual gate (the modulation slot is for AdaRMSNorm's signature)."""
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype), None
@@ -49,19 +51,11 @@ class AdaRMSNorm(nn.Module):
         self.eps = eps
         self.dense = nn.Linear(cond_dim, 3 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if cond is None:
-            raise ValueError("An adaRMS layer needs the time condition; pass the suffix's adarms_cond.")
-        return self.modulate(x, self.modulation(cond))
-
     def modulation(self, cond: torch.Tensor) -> torch.Tensor:
-        """cond [B, cond_dim] -> [B, 3 * dim], (scale, shift, gate) side by side.
-
-        Depends on the timestep only, so an inference engine can compute it once per schedule.
-        """
+        """The time condition [N, cond_dim] -> [N, 3 * dim], (scale, shift, gate) side by side."""
         return self.dense(cond.to(self.dense.weight.dtype))
 
-    def modulate(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The norm of x [B, T, dim] under a modulation() output ([B or 1, 3 * dim]), and the residual gate."""
         scale, shift, gate = modulation[:, None, :].chunk(3, dim=-1)
         xf = x.float()
@@ -115,18 +109,24 @@ class GemmaDecoderLayer(nn.Module):
             self.post_attention_layernorm = AdaRMSNorm(cfg.width, adarms_cond_dim, cfg.eps)
 
     def project_qkv(
-        self, x: torch.Tensor, cond: torch.Tensor | None
+        self, x: torch.Tensor, modulation: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Pre-attention half: q [B, H, T, d], k/v [B, Hkv, T, d] before RoPE, and the residual gate."""
-        h, gate = self.input_layernorm(x, cond)
+        """Pre-attention half: q [B, H, T, d], k/v [B, Hkv, T, d] before RoPE, and the residual gate.
+
+        `modulation` is the input norm's (π0.5's expert), None for a plain RMSNorm."""
+        h, gate = self.input_layernorm(x, modulation)
         return *self.self_attn.project(h), gate
 
     def finish(
-        self, x: torch.Tensor, attn_out: torch.Tensor, gate: torch.Tensor | None, cond: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        attn_out: torch.Tensor,
+        gate: torch.Tensor | None,
+        modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Post-attention half: output projection, residual, MLP, residual."""
+        """Post-attention half: output projection, residual, MLP, residual (`modulation`: the post-attention norm's)."""
         x = gated_residual(x, self.self_attn.o_proj(attn_out.to(x.dtype)), gate)
-        h, gate = self.post_attention_layernorm(x, cond)
+        h, gate = self.post_attention_layernorm(x, modulation)
         return gated_residual(x, self.mlp(h), gate)
 
 

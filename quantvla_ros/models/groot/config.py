@@ -120,3 +120,20 @@ def groot_tiny(
         camera_names=camera_names,
         max_token_len=prompt_budget(len(camera_names), vision.num_patches, text_tokens=48),
     )
+
+
+def small_groot() -> GR00TConfig:
+    """A few-million-parameter GR00T N1.5 for benchmarks, with every real input shape (1 camera at 224 px,
+    horizon 16)."""
+    vision = SiglipConfig(image_size=224, patch_size=14, width=96, depth=4, num_heads=4, mlp_dim=384)
+    return GR00TConfig(
+        vision=vision,
+        llm=Qwen3Config(width=128, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32, vocab_size=1024),
+        vl_self_attention=TransformerConfig(num_heads=4, head_dim=32, depth=2),
+        dit=TransformerConfig(num_heads=4, head_dim=32, depth=4),
+        dit_output_dim=128,
+        hidden_size=128,
+        input_embedding_dim=128,
+        image_token_id=1023,
+        max_token_len=prompt_budget(1, vision.num_patches),
+    )

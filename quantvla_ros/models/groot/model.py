@@ -4,9 +4,13 @@ Module names reproduce NVIDIA's checkpoint keys (Isaac-GR00T `gr00t/model/gr00t_
 `backbone/eagle_backbone.py`, `action_head/{flow_matching_action_head,cross_attention_dit}.py`;
 the same modules as LeRobot v0.5.1 `policies/groot/`), so `state_dict()` is the checkpoint.
 
-Inference runs the backbone, `vlln` and the VL self-attention once; the 4 Euler steps (t from
-0 to 1) then run only the DiT, whose even blocks cross-attend to the VL tokens. Those blocks'
-K/V projections do not depend on the step, so they are computed once before the loop.
+The stages (models/stages.py): embed() runs SigLIP-2 and mlp1 and puts the image features in
+place of the prompt's `<IMG_CONTEXT>` embeddings; prefix() runs Qwen3, `vlln` and the VL
+self-attention once and projects the VL tokens to the K/V of every cross-attention block (they
+do not depend on the step); the 4 Euler steps of denoise() (t from 0 to 1) then run only the
+DiT, whose even blocks cross-attend to those K/V. What the timesteps determine (the timestep
+encoder, every AdaLayerNorm's (scale, shift), the output layer's (shift, scale) and the action
+encoder's sinusoidal time through the time half of its W2) is computed once per timestep.
 
 GR00T pads prompts only to the longest one in a batch and attends without a mask after the
 LLM, so a single observation sees no padding. This model pads every prompt to max_token_len,
@@ -16,8 +20,11 @@ the result does not depend on the padding, and equals GR00T's for one observatio
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +33,16 @@ from torch import nn
 from quantvla_ros.models.common.attention import attention_bias
 from quantvla_ros.models.common.qwen3 import Qwen3LanguageModel
 from quantvla_ros.models.common.siglip import SiglipVisionTower
-from quantvla_ros.models.family import AttentionObserver, AttentionSite
+from quantvla_ros.models.family import AttentionSite
 from quantvla_ros.models.groot.config import GR00TConfig, TransformerConfig
+from quantvla_ros.models.stages import (
+    Schedule,
+    StagedModel,
+    TimeConstants,
+    Workspace,
+    input_buffers,
+    parameter_count,
+)
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -82,7 +97,10 @@ class CategorySpecificMLP(nn.Module):
 
 
 class MultiEmbodimentActionEncoder(nn.Module):
-    """W3(swish(W2([W1(a) ; sincos(τ)]))), each W per embodiment."""
+    """W3(swish(W2([W1(a) ; sincos(τ)]))), each W per embodiment.
+
+    W2 is linear in its input, so its time half (with its bias) depends on τ only: time_constant()
+    computes it once per timestep and forward() adds it to the action half."""
 
     def __init__(self, num_categories: int, action_dim: int, width: int) -> None:
         super().__init__()
@@ -91,10 +109,15 @@ class MultiEmbodimentActionEncoder(nn.Module):
         self.W2 = CategorySpecificLinear(num_categories, 2 * width, width)
         self.W3 = CategorySpecificLinear(num_categories, width, width)
 
-    def forward(self, actions: torch.Tensor, tau: torch.Tensor, category: int) -> torch.Tensor:
-        a = self.W1(actions, category)
-        time = action_time_encoding(tau, self.width)[:, None, :].expand(-1, actions.shape[1], -1)
-        return self.W3(F.silu(self.W2(torch.cat([a, time], dim=-1), category)), category)
+    def time_constant(self, tau: torch.Tensor, category: int) -> torch.Tensor:
+        """[N, width]: sincos(τ) through the time half of W2, plus W2's bias."""
+        w2 = self.W2
+        return action_time_encoding(tau, self.width) @ w2.W[category, self.width :] + w2.b[category]
+
+    def forward(self, actions: torch.Tensor, time: torch.Tensor, category: int) -> torch.Tensor:
+        """actions [B, H, action_dim] and a time_constant() row [B or 1, width] -> [B, H, width]."""
+        fused = self.W1(actions, category) @ self.W2.W[category, : self.width] + time[:, None, :]
+        return self.W3(F.silu(fused), category)
 
 
 class TimestepEmbedding(nn.Module):
@@ -137,25 +160,14 @@ class Attention(nn.Module):
     def project_kv(self, context: torch.Tensor) -> KV:
         return self.heads(self.to_k(context)), self.heads(self.to_v(context))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        kv: KV,
-        key_mask: torch.Tensor | None,
-        observe: AttentionObserver | None = None,
-        site: int = 0,
-    ) -> torch.Tensor:
-        """x [B, T, width] attends to kv (from project_kv); key_mask [B, S] bool or None (all keys)."""
-        q = self.heads(self.to_q(x))
-        k, v = kv
-        b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
-        allowed = None if key_mask is None else key_mask[:, None, :].expand(b, tq, tk)
-        if observe is not None:
-            seen = torch.ones(b, tq, tk, dtype=torch.bool, device=q.device) if allowed is None else allowed
-            observe(site, q, k, seen)
-        bias = None if allowed is None else attention_bias(allowed, q.dtype)
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.to_q(x))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """q [B, H, T, d] over k/v (from project_kv) with an additive key bias (None: every key) -> [B, T, width]."""
+        b, _, t, _ = q.shape
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.to_out[0](out.transpose(1, 2).reshape(b, tq, -1))
+        return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
 
 class GELUProjection(nn.Module):
@@ -189,9 +201,9 @@ class VLSelfAttentionBlock(nn.Module):
         self.norm3 = LayerNorm(cfg.width, eps=1e-5)
         self.ff = FeedForward(cfg.width)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn1(h, self.attn1.project_kv(h), key_mask)
+        x = x + self.attn1.attend(self.attn1.query(h), *self.attn1.project_kv(h), bias)
         return x + self.ff(self.norm3(x))
 
 
@@ -201,8 +213,11 @@ class SelfAttentionTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(VLSelfAttentionBlock(cfg) for _ in range(cfg.depth))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """x [B, T, width] with padding keys marked False in key_mask [B, T]."""
+        b, t = key_mask.shape
+        bias = attention_bias(key_mask[:, None, :].expand(b, t, t), x.dtype)
         for block in self.transformer_blocks:
-            x = block(x, key_mask)
+            x = block(x, bias)
         return x
 
 
@@ -214,17 +229,11 @@ class AdaLayerNorm(nn.Module):
         self.linear = nn.Linear(width, 2 * width)
         self.norm = LayerNorm(width, eps=1e-5, elementwise_affine=False)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.modulate(x, self.modulation(temb))
-
     def modulation(self, temb: torch.Tensor) -> torch.Tensor:
-        """temb [B, width] -> [B, 2 * width], (scale, shift) side by side.
-
-        Depends on the timestep only, so an inference engine can compute it once per schedule.
-        """
+        """temb [N, width] -> [N, 2 * width], (scale, shift) side by side; depends on the timestep only."""
         return self.linear(F.silu(temb.float()))
 
-    def modulate(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
         """The norm of x [B, T, width] under a modulation() output ([B or 1, 2 * width])."""
         scale, shift = modulation[:, None, :].chunk(2, dim=-1)
         return (self.norm(x).float() * (1 + scale) + shift).to(x.dtype)
@@ -241,15 +250,19 @@ class DiTBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        temb: torch.Tensor,
+        modulation: torch.Tensor,
         kv: KV | None,
-        key_mask: torch.Tensor | None,
-        observe: AttentionObserver | None,
-        site: int,
+        bias: torch.Tensor | None,
+        observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """kv: the VL tokens' K/V for a cross-attention block, None for a self-attention one."""
-        h = self.norm1(x, temb)
-        x = x + self.attn1(h, self.attn1.project_kv(h) if kv is None else kv, key_mask, observe, site)
+        """kv: the VL tokens' K/V for a cross-attention block (`bias` masks their padding), None
+        for a self-attention one; observe(q, k) sees the queries and keys before attention."""
+        h = self.norm1(x, modulation)
+        q = self.attn1.query(h)
+        k, v = self.attn1.project_kv(h) if kv is None else kv
+        if observe is not None:
+            observe(q, k)
+        x = x + self.attn1.attend(q, k, v, bias)
         return x + self.ff(self.norm3(x))
 
 
@@ -271,6 +284,13 @@ class DiT(nn.Module):
     def is_cross(block: int) -> bool:
         return block % 2 == 0
 
+    def time_modulations(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What τ [N] determines: every block's norm1 (scale, shift) [N, depth, 2 * width] and the
+        output layer's (shift, scale) [N, 2 * width]."""
+        temb = self.timestep_encoder(tau)
+        blocks = torch.stack([block.norm1.modulation(temb) for block in self.transformer_blocks], dim=1)
+        return blocks, self.proj_out_1(F.silu(temb.float()))
+
     def cross_kv(self, context: torch.Tensor) -> list[KV | None]:
         """The step-invariant K/V of every cross-attention block (None at self-attention blocks)."""
         return [
@@ -281,26 +301,21 @@ class DiT(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        tau: torch.Tensor,
+        modulations: torch.Tensor,
         cross_kv: list[KV | None],
-        context_mask: torch.Tensor,
-        observe: AttentionObserver | None = None,
+        cross_bias: torch.Tensor | None,
+        observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        temb = self.timestep_encoder(tau)
+        """The blocks over tokens x [B, T, width] under time_modulations()' block part ([B or 1, depth, 2 * width]);
+        observe(block, q, k) sees every attention's queries and keys."""
         for i, (block, kv) in enumerate(zip(self.transformer_blocks, cross_kv, strict=True)):
-            x = block(x, temb, kv, context_mask if kv is not None else None, observe, i)
-        return self.output(x, temb)
+            seen = None if observe is None else functools.partial(observe, i)
+            x = block(x, modulations[:, i], kv, cross_bias if kv is not None else None, seen)
+        return x
 
-    def output(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """The output layer; it splits (shift, scale), the reverse of AdaLayerNorm's (scale, shift)."""
-        return self.modulated_output(x, self.output_modulation(temb))
-
-    def output_modulation(self, temb: torch.Tensor) -> torch.Tensor:
-        """temb [B, width] -> [B, 2 * width], (shift, scale) side by side; depends on the timestep only."""
-        return self.proj_out_1(F.silu(temb.float()))
-
-    def modulated_output(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
-        """The output layer on x [B, T, width] under an output_modulation() ([B or 1, 2 * width])."""
+    def output(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """The output layer on x [B, T, width] under time_modulations()' output part ([B or 1, 2 * width]);
+        it splits (shift, scale), the reverse of AdaLayerNorm's (scale, shift)."""
         shift, scale = modulation[:, None, :].chunk(2, dim=-1)
         return self.proj_out_2(self.norm_out(x).float() * (1 + scale) + shift)
 
@@ -321,23 +336,19 @@ class EagleBackbone(nn.Module):
         self.cfg = cfg
         self.eagle_model = EagleModel(cfg)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
-        """images [B, C, 3, S, S], tokens [B, L] with C·patches `<IMG_CONTEXT>` each -> features [B, L, width]."""
+    def embed(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """images [B, C, 3, S, S] and tokens [B, L] with C·patches `<IMG_CONTEXT>` each (checked by
+        GR00TN15Model.check_inputs) -> the LLM's input embeddings [B, L, width]."""
         eagle = self.eagle_model
-        b, c = images.shape[:2]
         vit = eagle.mlp1(eagle.vision_model(images.flatten(0, 1)))
-        llm = eagle.language_model.model
-        embeds = llm.embed_tokens(tokens)
+        embeds = eagle.language_model.model.embed_tokens(tokens)
+        b, _, width = embeds.shape
+        # Image features replace the placeholder embeddings in order, image by image: the k-th
+        # placeholder of a row takes the row's k-th feature, found by a running count (no host sync).
         slots = tokens == self.cfg.image_token_id
-        per_row = slots.sum(dim=1)
-        if bool((per_row != c * vit.shape[1]).any()):
-            raise ValueError(
-                f"Each prompt needs {c * vit.shape[1]} <IMG_CONTEXT> tokens for {c} image(s), got {per_row.tolist()}; "
-                "build the prompt with this checkpoint's processor."
-            )
-        # Image features replace the placeholder embeddings in order, image by image.
-        embeds = embeds.masked_scatter(slots[..., None], vit.to(embeds.dtype).reshape(b, -1, embeds.shape[-1]))
-        return llm(embeds, token_masks)
+        index = (slots.cumsum(dim=1) - 1).clamp(min=0)
+        features = vit.to(embeds.dtype).reshape(b, -1, width).gather(1, index[..., None].expand(-1, -1, width))
+        return torch.where(slots[..., None], features, embeds)
 
 
 class FlowmatchingActionHead(nn.Module):
@@ -375,7 +386,24 @@ def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-class GR00TN15Model(nn.Module):
+@dataclass
+class GR00TWorkspace(Workspace):
+    embeds: torch.Tensor  # [B, L, llm width]: prompt embeddings with the image features in their slots
+    cross_kv: list[torch.Tensor]  # per cross block [2, B, heads, L, head_dim]: the VL tokens' K/V
+    cross_mask: torch.Tensor  # [B, T, L] bool: DiT tokens to VL tokens, padding masked
+    cross_bias: torch.Tensor  # [B, 1, T, L]: the same as an additive bias
+    self_mask: torch.Tensor  # [B, T, T] bool, all True: what the self-attention blocks see (fixed)
+    dit_tokens: torch.Tensor  # [B, T, width]: state token, future tokens, action tokens
+
+
+@dataclass(frozen=True)
+class GR00TTimeConstants(TimeConstants):
+    modulations: torch.Tensor  # [N, depth, 2 * width]: every DiT block's norm1 (scale, shift)
+    output: torch.Tensor  # [N, 2 * width]: proj_out_1's (shift, scale)
+    action_time: torch.Tensor  # [N, width]: the action encoder's time_constant()
+
+
+class GR00TN15Model(StagedModel):
     FAMILY = "groot_n1_5"
     LINEAR_GROUPS = {
         "llm": rf"{re.escape(_LLM)}\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
@@ -384,17 +412,15 @@ class GR00TN15Model(nn.Module):
     }
 
     def __init__(self, cfg: GR00TConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.compute_dtype = torch.float32
-        # Set by calibration; called in every DiT attention on every step, site = block index.
-        self.attention_observer: AttentionObserver | None = None
+        super().__init__(cfg)
         self.backbone = EagleBackbone(cfg)
         self.action_head = FlowmatchingActionHead(cfg)
 
+    parameter_dtype = staticmethod(parameter_dtype)
+
     @property
-    def device(self) -> torch.device:
-        return self.action_head.future_tokens.weight.device
+    def vocab_size(self) -> int:
+        return self.cfg.llm.vocab_size
 
     @property
     def display_name(self) -> str:
@@ -407,56 +433,20 @@ class GR00TN15Model(nn.Module):
             for i in range(d.depth)
         ]
 
-    def set_dtype(self, dtype: torch.dtype) -> GR00TN15Model:
-        for name, param in self.named_parameters():
-            param.data = param.data.to(parameter_dtype(name, dtype))
-        self.compute_dtype = dtype
-        return self
-
     def component_parameters(self) -> dict[str, int]:
         """Parameter count per component (works on the meta device)."""
         eagle, head = self.backbone.eagle_model, self.action_head
-
-        def count(*modules: nn.Module) -> int:
-            return sum(p.numel() for m in modules for p in m.parameters())
-
         return {
-            "vision": count(eagle.vision_model, eagle.mlp1),
-            "llm": count(eagle.language_model),
-            "expert": count(head.model),
-            "vl_self_attention": count(head.vlln, head.vl_self_attention),
-            "embodiment_mlps": count(head.state_encoder, head.action_encoder, head.action_decoder),
-            "action_tokens": count(head.future_tokens, head.position_embedding),
+            "vision": parameter_count(eagle.vision_model, eagle.mlp1),
+            "llm": parameter_count(eagle.language_model),
+            "expert": parameter_count(head.model),
+            "vl_self_attention": parameter_count(head.vlln, head.vl_self_attention),
+            "embodiment_mlps": parameter_count(head.state_encoder, head.action_encoder, head.action_decoder),
+            "action_tokens": parameter_count(head.future_tokens, head.position_embedding),
         }
 
-    # ---- inference -------------------------------------------------------------------------------
-    def embed_vl(self, images: torch.Tensor, tokens: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
-        """The VL tokens the DiT attends to: backbone features through `vlln` and the VL self-attention."""
-        head = self.action_head
-        features = self.backbone(images.to(self.compute_dtype), tokens, token_masks)
-        return head.vl_self_attention(head.vlln(features), token_masks)
-
-    def velocity(
-        self,
-        state_features: torch.Tensor,
-        cross_kv: list[KV | None],
-        vl_mask: torch.Tensor,
-        actions: torch.Tensor,
-        tau: torch.Tensor,
-    ) -> torch.Tensor:
-        """One Euler step's velocity for actions [B, H, action_dim] at discrete time τ [B]."""
-        head, cfg = self.action_head, self.cfg
-        horizon = actions.shape[1]
-        action_features = (
-            head.action_encoder(actions, tau, cfg.embodiment_id) + head.position_embedding.weight[:horizon]
-        )
-        future = head.future_tokens.weight[None].expand(actions.shape[0], -1, -1)
-        tokens = torch.cat([state_features, future, action_features], dim=1).to(self.compute_dtype)
-        out = head.model(tokens, tau, cross_kv, vl_mask, self.attention_observer)
-        return head.action_decoder(out[:, -horizon:], cfg.embodiment_id)
-
-    @torch.no_grad()
-    def sample_actions(
+    # ---- stages ------------------------------------------------------------------------------
+    def check_inputs(
         self,
         images: torch.Tensor,
         image_masks: torch.Tensor,
@@ -464,25 +454,97 @@ class GR00TN15Model(nn.Module):
         token_masks: torch.Tensor,
         state: torch.Tensor,
         noise: torch.Tensor,
-        num_steps: int | None = None,
-        cache_cross_kv: bool = True,
-    ) -> torch.Tensor:
-        """Euler integration from t=0 (noise) to t=1 (actions); [B, H, action_dim] fp32.
+    ) -> None:
+        """Also: each prompt holds one `<IMG_CONTEXT>` per image token (a host sync, before the stages)."""
+        super().check_inputs(images, image_masks, tokens, token_masks, state, noise)
+        cameras = images.shape[1]
+        per_row = (tokens == self.cfg.image_token_id).sum(dim=1)
+        want = cameras * self.cfg.tokens_per_image
+        if bool((per_row != want).any()):
+            raise ValueError(
+                f"Each prompt needs {want} <IMG_CONTEXT> tokens for {cameras} image(s), got {per_row.tolist()}; "
+                "build the prompt with this checkpoint's processor."
+            )
 
-        GR00T has no image mask: every camera is an input, so `image_masks` is not read.
-        """
-        num_steps = num_steps or self.cfg.num_steps
+    def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Also: the image placeholders after a short chat-template head, as the processor lays the prompt out."""
+        inputs = super().example_inputs(batch, seed)
+        cfg = self.cfg
+        tokens = inputs["tokens"] % cfg.image_token_id
+        tokens[:, 8 : 8 + len(cfg.camera_names) * cfg.tokens_per_image] = cfg.image_token_id
+        return {**inputs, "tokens": tokens}
+
+    def workspace(self, image_shape: tuple[int, ...], prompt_len: int) -> GR00TWorkspace:
+        cfg, dev, dtype = self.cfg, self.device, self.compute_dtype
+        b, dit = image_shape[0], cfg.dit
+        t = 1 + cfg.num_target_vision_tokens + cfg.action_horizon
+        cross = [i for i in range(dit.depth) if DiT.is_cross(i)]
+        return GR00TWorkspace(
+            **input_buffers(cfg, image_shape, prompt_len, dev),
+            embeds=torch.zeros(b, prompt_len, cfg.llm.width, dtype=dtype, device=dev),
+            cross_kv=[
+                torch.zeros(2, b, dit.num_heads, prompt_len, dit.head_dim, dtype=dtype, device=dev) for _ in cross
+            ],
+            cross_mask=torch.zeros(b, t, prompt_len, dtype=torch.bool, device=dev),
+            cross_bias=torch.zeros(b, 1, t, prompt_len, dtype=dtype, device=dev),
+            self_mask=torch.ones(b, t, t, dtype=torch.bool, device=dev),
+            dit_tokens=torch.zeros(b, t, cfg.input_embedding_dim, dtype=dtype, device=dev),
+        )
+
+    def embed(self, ws: GR00TWorkspace) -> None:
+        """GR00T has no image mask: every camera is an input, so `image_masks` is not read."""
+        ws.embeds.copy_(self.backbone.embed(ws.images.to(self.compute_dtype), ws.tokens))
+
+    def prefix(self, ws: GR00TWorkspace) -> None:
+        """Qwen3, vlln and the VL self-attention over the prompt, then every cross block's K/V of the VL tokens."""
+        head, mask = self.action_head, ws.token_masks
+        features = self.backbone.eagle_model.language_model.model(ws.embeds, mask)
+        vl = head.vl_self_attention(head.vlln(features), mask)
+        for cache, kv in zip(ws.cross_kv, [kv for kv in head.model.cross_kv(vl) if kv is not None], strict=True):
+            cache[0].copy_(kv[0])
+            cache[1].copy_(kv[1])
+        b, t, length = ws.cross_mask.shape
+        ws.cross_mask.copy_(mask[:, None, :].expand(b, t, length))
+        ws.cross_bias.copy_(attention_bias(ws.cross_mask, self.compute_dtype))
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """τ = int(t · buckets) for t = 0, 1/n, ...: {0, 250, 500, 750} for 4 steps of 1000 buckets."""
+        buckets = self.cfg.num_timestep_buckets
+        return torch.tensor([int(step / num_steps * buckets) for step in range(num_steps)], device=self.device)
+
+    def time_constants(self, t: torch.Tensor) -> GR00TTimeConstants:
         head = self.action_head
-        token_masks = token_masks.bool()
-        vl = self.embed_vl(images, tokens, token_masks)
-        state_features = head.state_encoder(state[:, None, :], self.cfg.embodiment_id)
-        cached = head.model.cross_kv(vl) if cache_cross_kv else None
-        actions = noise.float()
-        dt = 1.0 / num_steps
-        for step in range(num_steps):
-            # τ = int(t · buckets) with t = step / num_steps: {0, 250, 500, 750} for 4 steps.
-            t_bucket = int(step / num_steps * self.cfg.num_timestep_buckets)
-            tau = torch.full((actions.shape[0],), t_bucket, device=actions.device)
-            cross_kv = cached if cached is not None else head.model.cross_kv(vl)
-            actions = actions + dt * self.velocity(state_features, cross_kv, token_masks, actions, tau)
-        return actions
+        modulations, output = head.model.time_modulations(t)
+        return GR00TTimeConstants(modulations, output, head.action_encoder.time_constant(t, self.cfg.embodiment_id))
+
+    def denoise(self, ws: GR00TWorkspace, schedule: Schedule) -> None:
+        """Euler steps from t = 0 (noise) to t = 1 (actions)."""
+        head, cfg = self.action_head, self.cfg
+        horizon = cfg.action_horizon
+        # The state token and the future tokens are the same on every step.
+        ws.dit_tokens[:, :1].copy_(head.state_encoder(ws.state[:, None, :], cfg.embodiment_id))
+        ws.dit_tokens[:, 1:-horizon].copy_(head.future_tokens.weight)
+        x_t = ws.actions
+        x_t.copy_(ws.noise)
+        dt = 1.0 / schedule.num_steps
+        for step in range(schedule.num_steps):
+            x_t.add_(self.velocity(ws, x_t, schedule.constants.row(step)), alpha=dt)
+
+    def velocity(self, ws: GR00TWorkspace, x_t: torch.Tensor, time: GR00TTimeConstants) -> torch.Tensor:
+        """The flow's velocity [B, horizon, action_dim] at actions x_t; `time` holds one row of time_constants()."""
+        head, cfg = self.action_head, self.cfg
+        horizon, e = cfg.action_horizon, cfg.embodiment_id
+        action_tokens = head.action_encoder(x_t, time.action_time, e) + head.position_embedding.weight[:horizon]
+        ws.dit_tokens[:, -horizon:].copy_(action_tokens)
+        cross = iter(ws.cross_kv)
+        kv = [tuple(next(cross)) if DiT.is_cross(i) else None for i in range(cfg.dit.depth)]
+        observe = None
+        if self.attention_observer is not None:
+
+            def observe(block: int, q: torch.Tensor, k: torch.Tensor) -> None:
+                mask = ws.cross_mask if DiT.is_cross(block) else ws.self_mask
+                self.attention_observer(block, q, k, mask)
+
+        x = head.model(ws.dit_tokens, time.modulations, kv, ws.cross_bias, observe)
+        # The output layer is per token and only the action tokens are read.
+        return head.action_decoder(head.model.output(x[:, -horizon:], time.output), e)

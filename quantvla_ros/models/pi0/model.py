@@ -3,32 +3,43 @@
 Module names reproduce openpi's PyTorch checkpoint keys, so `state_dict()` of this model is
 the checkpoint (see `checkpoint.py` for the LeRobot prefix and the tied embedding).
 
-Inference runs the prefix (images + prompt) once through the LLM and keeps each layer's
-post-RoPE K/V; every Euler step then runs only the expert over the action tokens, attending
-to [cached prefix K/V ; its own K/V]. The cache is read, never appended to.
+The stages (models/stages.py): embed() runs SigLIP, the projector and the prompt embedding;
+prefix() runs the LLM over [images | prompt] once and keeps each layer's post-RoPE K/V in a
+cache laid out [prefix ; suffix] per layer; every Euler step of denoise() then runs only the
+expert over the suffix (π0: state token and action tokens, π0.5: action tokens), writing its own
+K/V into the suffix part of the cache in place and attending to all of it. What the timesteps
+determine (π0.5's time MLP and every adaRMS modulation, π0's time half of action_time_mlp_in)
+is computed once per timestep by time_constants().
+
+openpi trains with one joint pass over [prefix ; suffix]. The prefix never attends to the
+suffix (big_vision's AR mask), so prefix() followed by velocity() computes the same velocity;
+sim/train.py trains through these same stages (the cache is one tensor per layer, written before
+it is read, so autograd sees no in-place change of anything it saved).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_ros.models.common.attention import apply_rope, attention, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.attention import apply_rope, attend, attention_bias, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.embeddings import action_time_constant, action_time_tokens, sincos_time_embedding
 from quantvla_ros.models.common.gemma import GemmaModel
 from quantvla_ros.models.common.siglip import SiglipVisionTower
-from quantvla_ros.models.family import (
-    AttentionObserver,
-    AttentionSite,
-    attention_linears,
-    decoder_linears,
-    mlp_linears,
-)
+from quantvla_ros.models.family import AttentionSite, attention_linears, decoder_linears, mlp_linears
 from quantvla_ros.models.pi0.config import PI0Config
-
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+from quantvla_ros.models.stages import (
+    Schedule,
+    StagedModel,
+    TimeConstants,
+    Workspace,
+    input_buffers,
+    parameter_count,
+)
 
 # openpi keeps these in fp32 inside a bf16 model (`to_bfloat16_for_selected_params`).
 FP32_PARAMETERS = (
@@ -45,14 +56,6 @@ def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     if not name.startswith("paligemma_with_expert.") or any(s in name for s in FP32_PARAMETERS):
         return torch.float32
     return dtype
-
-
-def sincos_time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
-    """[sin, cos] of 2πt/period over log-spaced periods, computed in float64 as openpi does."""
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
-    period = min_period * (max_period / min_period) ** fraction
-    angle = (2 * math.pi / period)[None, :] * t.to(torch.float64)[:, None]
-    return torch.cat([angle.sin(), angle.cos()], dim=1).to(torch.float32)
 
 
 class MultiModalProjector(nn.Module):
@@ -92,7 +95,30 @@ _LLM = "paligemma_with_expert.paligemma.model.language_model.layers"
 _EXPERT = "paligemma_with_expert.gemma_expert.model.layers"
 
 
-class PI0Model(nn.Module):
+@dataclass
+class PI0Workspace(Workspace):
+    prefix_embs: torch.Tensor  # [B, P, llm width]: [image tokens | prompt tokens]
+    prefix_pad: torch.Tensor  # [B, P] bool
+    # Per layer [2, B, Hkv, P + S, head_dim]: post-RoPE keys and values, prefix then suffix.
+    kv: list[torch.Tensor]
+    suffix_allowed: torch.Tensor  # [1, S, S] bool, the suffix's own attention pattern (fixed)
+    suffix_offsets: torch.Tensor  # [S] int64, 0..S-1: suffix positions after the prefix's valid tokens
+    suffix_mask: torch.Tensor  # [B, S, P + S] bool: what each suffix token attends to
+    suffix_bias: torch.Tensor  # [B, 1, S, P + S]: the same as an additive bias
+    suffix_cos: torch.Tensor  # [B, 1, S, head_dim] float32
+    suffix_sin: torch.Tensor  # [B, 1, S, head_dim] float32
+
+
+@dataclass(frozen=True)
+class PI0TimeConstants(TimeConstants):
+    # π0.5: [N, 2 * depth + 1, 3 * width], every expert adaRMS modulation in the order input and
+    # post-attention norm of each layer, then the final norm.
+    modulations: torch.Tensor | None
+    # π0: [N, width], action_time_constant() of the sincos embedding.
+    action_time: torch.Tensor | None
+
+
+class PI0Model(StagedModel):
     FAMILY = "pi0"
     LINEAR_GROUPS = {
         "llm": decoder_linears(_LLM),
@@ -101,11 +127,7 @@ class PI0Model(nn.Module):
     }
 
     def __init__(self, cfg: PI0Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.compute_dtype = torch.float32
-        # Set by calibration; called on expert-only passes (the denoising steps), site = layer.
-        self.attention_observer: AttentionObserver | None = None
+        super().__init__(cfg)
         width = cfg.expert.width
         self.paligemma_with_expert = PaliGemmaWithExpert(cfg)
         self.action_in_proj = nn.Linear(cfg.action_dim, width)
@@ -118,9 +140,11 @@ class PI0Model(nn.Module):
             self.action_time_mlp_in = nn.Linear(2 * width, width)
             self.action_time_mlp_out = nn.Linear(width, width)
 
+    parameter_dtype = staticmethod(parameter_dtype)
+
     @property
-    def device(self) -> torch.device:
-        return self.action_in_proj.weight.device
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
 
     @property
     def display_name(self) -> str:
@@ -141,25 +165,15 @@ class PI0Model(nn.Module):
     def expert(self) -> GemmaModel:
         return self.paligemma_with_expert.gemma_expert.model
 
-    def set_dtype(self, dtype: torch.dtype) -> PI0Model:
-        for name, param in self.named_parameters():
-            param.data = param.data.to(parameter_dtype(name, dtype))
-        self.compute_dtype = dtype
-        return self
-
     def component_parameters(self) -> dict[str, int]:
         """Parameter count per component (works on the meta device)."""
         pali = self.paligemma_with_expert.paligemma.model
-
-        def count(*modules: nn.Module) -> int:
-            return sum(p.numel() for m in modules for p in m.parameters())
-
         counts = {
-            "vision": count(pali.vision_tower, pali.multi_modal_projector),
-            "llm": count(pali.language_model),
-            "expert": count(self.paligemma_with_expert.gemma_expert),
+            "vision": parameter_count(pali.vision_tower, pali.multi_modal_projector),
+            "llm": parameter_count(pali.language_model),
+            "expert": parameter_count(self.paligemma_with_expert.gemma_expert),
         }
-        counts["action_projections"] = count(self) - sum(counts.values())
+        counts["action_projections"] = parameter_count(self) - sum(counts.values())
         return counts
 
     # ---- embedding ---------------------------------------------------------------------
@@ -173,148 +187,131 @@ class PI0Model(nn.Module):
 
     def embed_prefix(
         self, images: torch.Tensor, image_masks: torch.Tensor, tokens: torch.Tensor, token_masks: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prefix [images | prompt], fully bidirectional (AR mask all zero)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix embeddings [images | prompt] and their padding mask; the prefix is bidirectional."""
         img = self.embed_images(images)
         per_image = img.shape[1] // images.shape[1]
         img_pad = image_masks.repeat_interleave(per_image, dim=1)
         # Text embeddings carry Gemma's √width scale; image tokens do not (openpi).
         txt = self.llm.embed_tokens(tokens).to(self.compute_dtype) * math.sqrt(self.cfg.llm.width)
-        embs = torch.cat([img, txt], dim=1)
-        pad = torch.cat([img_pad, token_masks], dim=1)
-        return embs, pad, torch.zeros_like(pad)
+        return torch.cat([img, txt], dim=1), torch.cat([img_pad, token_masks], dim=1)
 
-    def embed_suffix(
-        self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Suffix [state token (π0 only) | action tokens] and π0.5's adaRMS condition."""
-        b, horizon, _ = x_t.shape
-        width = self.cfg.expert.width
-        time_emb = sincos_time_embedding(t, width)
+    # ---- stages ------------------------------------------------------------------------
+    def workspace(self, image_shape: tuple[int, ...], prompt_len: int) -> PI0Workspace:
+        cfg, dev, dtype = self.cfg, self.device, self.compute_dtype
+        b, c = image_shape[:2]
+        llm, horizon = cfg.llm, cfg.action_horizon
+        p = c * cfg.vision.num_patches + prompt_len
+        # π0: [state token | action tokens], the state token attending only to itself and the
+        # prefix; π0.5: action tokens only. The actions attend to each other bidirectionally.
+        ar = [1] + [0] * (horizon - 1) if cfg.pi05 else [1, 1] + [0] * (horizon - 1)
+        s = len(ar)
+        suffix_ar = torch.tensor([ar], dtype=torch.bool, device=dev)
+        return PI0Workspace(
+            **input_buffers(cfg, image_shape, prompt_len, dev),
+            prefix_embs=torch.zeros(b, p, llm.width, dtype=dtype, device=dev),
+            prefix_pad=torch.zeros(b, p, dtype=torch.bool, device=dev),
+            kv=[
+                torch.zeros(2, b, llm.num_kv_heads, p + s, llm.head_dim, dtype=dtype, device=dev)
+                for _ in range(llm.depth)
+            ],
+            suffix_allowed=make_att_2d_masks(torch.ones_like(suffix_ar), suffix_ar),
+            suffix_offsets=torch.arange(s, device=dev),
+            suffix_mask=torch.zeros(b, s, p + s, dtype=torch.bool, device=dev),
+            suffix_bias=torch.zeros(b, 1, s, p + s, dtype=dtype, device=dev),
+            suffix_cos=torch.zeros(b, 1, s, llm.head_dim, device=dev),
+            suffix_sin=torch.zeros(b, 1, s, llm.head_dim, device=dev),
+        )
+
+    def embed(self, ws: PI0Workspace) -> None:
+        embs, pad = self.embed_prefix(ws.images, ws.image_masks, ws.tokens, ws.token_masks)
+        ws.prefix_embs.copy_(embs)
+        ws.prefix_pad.copy_(pad)
+
+    def prefix(self, ws: PI0Workspace) -> None:
+        """The LLM over the prefix, filling the prefix part of every layer's K/V cache; then the
+        suffix's attention mask and RoPE tables, which depend on the prefix's padding only."""
+        llm, dtype = self.cfg.llm, self.compute_dtype
+        pad = ws.prefix_pad
+        b, p = pad.shape
+        cos, sin = rope_cos_sin(torch.cumsum(pad.long(), dim=1) - 1, llm.head_dim, llm.rope_theta)
+        # The prefix is bidirectional; one bias serves every layer.
+        bias = attention_bias(make_att_2d_masks(pad, torch.zeros_like(pad)), dtype)
+        x = ws.prefix_embs
+        layers = self.llm.layers
+        for i, layer in enumerate(layers):
+            q, k, v, _ = layer.project_qkv(x)
+            k = apply_rope(k, cos, sin)
+            ws.kv[i][0, :, :, :p].copy_(k)
+            ws.kv[i][1, :, :, :p].copy_(v)
+            # The expert reads only the K/V of the last layer, never its output.
+            if i + 1 < len(layers):
+                x = layer.finish(x, attend(apply_rope(q, cos, sin), k, v, bias), None)
+        s = ws.suffix_allowed.shape[1]
+        ws.suffix_mask.copy_(torch.cat([pad[:, None, :].expand(b, s, p), ws.suffix_allowed.expand(b, s, s)], dim=2))
+        ws.suffix_bias.copy_(attention_bias(ws.suffix_mask, dtype))
+        cos, sin = rope_cos_sin(pad.sum(dim=1, keepdim=True) + ws.suffix_offsets, llm.head_dim, llm.rope_theta)
+        ws.suffix_cos.copy_(cos)
+        ws.suffix_sin.copy_(sin)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """t = 1, 1 - 1/n, ..., 1/n: the flow runs from noise (t = 1) to actions (t = 0)."""
+        return torch.tensor([1.0 - step / num_steps for step in range(num_steps)], device=self.device)
+
+    def time_constants(self, t: torch.Tensor) -> PI0TimeConstants:
+        time_emb = sincos_time_embedding(t, self.cfg.expert.width)
+        if not self.cfg.pi05:
+            return PI0TimeConstants(None, action_time_constant(self.action_time_mlp_in, time_emb))
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
+        expert = self.expert
+        norms = [norm for layer in expert.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return PI0TimeConstants(torch.stack([norm.modulation(cond) for norm in [*norms, expert.norm]], dim=1), None)
+
+    def state_token(self, ws: PI0Workspace) -> torch.Tensor | None:
+        """π0's state token [B, 1, width], the same on every step; π0.5 reads the state from its prompt."""
+        return None if self.cfg.pi05 else self.state_proj(ws.state)[:, None, :]
+
+    def denoise(self, ws: PI0Workspace, schedule: Schedule) -> None:
+        """Euler steps from t = 1 (noise) to t = 0 (actions)."""
+        n = schedule.num_steps
+        x_t = ws.actions
+        x_t.copy_(ws.noise)
+        state_token = self.state_token(ws)
+        for step in range(n):
+            x_t.sub_(self.velocity(ws, x_t, schedule.constants.row(step), state_token) / n)
+
+    def velocity(
+        self, ws: PI0Workspace, x_t: torch.Tensor, time: PI0TimeConstants, state_token: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The flow's velocity [B, horizon, action_dim] at actions x_t, from the expert alone over
+        the prefix cache; `time` holds one row of time_constants() (or one per sample)."""
         action_emb = self.action_in_proj(x_t.float())
         if self.cfg.pi05:
-            cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))
-            tokens = [action_emb]
-            ar = [1] + [0] * (horizon - 1)
+            x = action_emb.to(self.compute_dtype)
         else:
-            cond = None
-            fused = torch.cat([action_emb, time_emb[:, None, :].expand(b, horizon, width)], dim=2)
-            action_time = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(fused)))
-            tokens = [self.state_proj(state.float())[:, None, :], action_time]
-            ar = [1, 1] + [0] * (horizon - 1)
-        embs = torch.cat(tokens, dim=1).to(self.compute_dtype)
-        pad = torch.ones(b, embs.shape[1], dtype=torch.bool, device=embs.device)
-        ar_masks = torch.tensor(ar, dtype=torch.bool, device=embs.device)[None].expand(b, -1)
-        return embs, pad, ar_masks, cond
-
-    # ---- transformer -------------------------------------------------------------------
-    def run_layers(
-        self,
-        streams: list[torch.Tensor | None],
-        conds: list[torch.Tensor | None],
-        positions: torch.Tensor,
-        allowed: torch.Tensor,
-        prefix_kv: KVCache | None = None,
-        keep_kv: bool = False,
-    ) -> tuple[list[torch.Tensor | None], KVCache]:
-        """Joint attention over the present streams [LLM prefix, expert suffix].
-
-        positions/allowed cover the present streams' tokens (queries); with `prefix_kv`
-        the keys are [cached prefix ; present tokens].
-        """
-        models = (self.llm, self.expert)
-        kv_out: KVCache = []
-        xs = list(streams)
-        cfg = self.cfg.llm
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        for i in range(cfg.depth):
-            qs, ks, vs, gates = [], [], [], []
-            for model, x, cond in zip(models, xs, conds, strict=True):
-                if x is None:
-                    continue
-                q, k, v, gate = model.layers[i].project_qkv(x, cond)
-                qs.append(q), ks.append(k), vs.append(v), gates.append(gate)
-            q = apply_rope(torch.cat(qs, dim=2), cos, sin)
-            k = apply_rope(torch.cat(ks, dim=2), cos, sin)
-            v = torch.cat(vs, dim=2)
-            if keep_kv:
-                kv_out.append((k, v))
-            if prefix_kv is not None:
-                k = torch.cat([prefix_kv[i][0], k], dim=2)
-                v = torch.cat([prefix_kv[i][1], v], dim=2)
-            if self.attention_observer is not None and xs[0] is None:
-                self.attention_observer(i, q, k, allowed)
-            out = attention(q, k, v, allowed)
-            start, gate_iter = 0, iter(gates)
-            for s, (model, x, cond) in enumerate(zip(models, xs, conds, strict=True)):
-                if x is None:
-                    continue
-                end = start + x.shape[1]
-                xs[s] = model.layers[i].finish(x, out[:, start:end], next(gate_iter), cond)
-                start = end
-        outs = [None if x is None else model.norm(x, cond)[0] for model, x, cond in zip(models, xs, conds, strict=True)]
-        return outs, kv_out
-
-    def compute_prefix_kv(
-        self, prefix_embs: torch.Tensor, prefix_pad: torch.Tensor, prefix_ar: torch.Tensor
-    ) -> KVCache:
-        positions = torch.cumsum(prefix_pad.long(), dim=1) - 1
-        allowed = make_att_2d_masks(prefix_pad, prefix_ar)
-        _, kv = self.run_layers([prefix_embs, None], [None, None], positions, allowed, keep_kv=True)
-        return kv
-
-    def velocity_cached(
-        self, state: torch.Tensor, prefix_pad: torch.Tensor, prefix_kv: KVCache, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """One denoising step's velocity from the expert alone, reading the prefix cache."""
-        suffix, suffix_pad, suffix_ar, cond = self.embed_suffix(state, x_t, t)
-        b, s = suffix_pad.shape
-        allowed = torch.cat(
-            [prefix_pad[:, None, :].expand(b, s, prefix_pad.shape[1]), make_att_2d_masks(suffix_pad, suffix_ar)], dim=2
-        )
-        positions = prefix_pad.sum(dim=1, keepdim=True) + torch.cumsum(suffix_pad.long(), dim=1) - 1
-        (_, out), _ = self.run_layers([None, suffix], [None, cond], positions, allowed, prefix_kv=prefix_kv)
+            mlp_in, mlp_out = self.action_time_mlp_in, self.action_time_mlp_out
+            action_time = action_time_tokens(mlp_in, mlp_out, action_emb, time.action_time)
+            x = torch.cat([state_token, action_time], dim=1).to(self.compute_dtype)
+        out = self.expert_stream(ws, x, time.modulations)
         return self.action_out_proj(out[:, -self.cfg.action_horizon :].float())
 
-    def velocity_full(
-        self,
-        prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        state: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-    ) -> torch.Tensor:
-        """The same velocity from one joint pass over [prefix ; suffix] (training-time path)."""
-        prefix_embs, prefix_pad, prefix_ar = prefix
-        suffix, suffix_pad, suffix_ar, cond = self.embed_suffix(state, x_t, t)
-        pad = torch.cat([prefix_pad, suffix_pad], dim=1)
-        allowed = make_att_2d_masks(pad, torch.cat([prefix_ar, suffix_ar], dim=1))
-        positions = torch.cumsum(pad.long(), dim=1) - 1
-        (_, out), _ = self.run_layers([prefix_embs, suffix], [None, cond], positions, allowed)
-        return self.action_out_proj(out[:, -self.cfg.action_horizon :].float())
+    def expert_stream(self, ws: PI0Workspace, x: torch.Tensor, modulations: torch.Tensor | None) -> torch.Tensor:
+        """The expert over suffix tokens x [B, S, width], attending to [prefix cache ; its own K/V]
+        under ws.suffix_mask, at ws.suffix_cos/sin; its K/V go into the suffix part of the cache.
+        Returns the final norm's output. modulations: π0.5's adaRMS row(s), None for π0."""
 
-    @torch.no_grad()
-    def sample_actions(
-        self,
-        images: torch.Tensor,
-        image_masks: torch.Tensor,
-        tokens: torch.Tensor,
-        token_masks: torch.Tensor,
-        state: torch.Tensor,
-        noise: torch.Tensor,
-        num_steps: int | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Euler integration of the flow from t=1 (noise) to t=0 (actions); [B, H, action_dim] fp32."""
-        num_steps = num_steps or self.cfg.num_steps
-        prefix = self.embed_prefix(images, image_masks, tokens, token_masks)
-        kv = self.compute_prefix_kv(*prefix) if use_cache else None
-        x_t = noise.float()
-        b = x_t.shape[0]
-        for step in range(num_steps):
-            t = torch.full((b,), 1.0 - step / num_steps, dtype=torch.float32, device=x_t.device)
-            if kv is not None:
-                v_t = self.velocity_cached(state, prefix[1], kv, x_t, t)
-            else:
-                v_t = self.velocity_full(prefix, state, x_t, t)
-            x_t = x_t - v_t / num_steps
-        return x_t
+        def modulation(j: int) -> torch.Tensor | None:
+            return None if modulations is None else modulations[:, j]
+
+        p = ws.prefix_pad.shape[1]
+        cos, sin = ws.suffix_cos, ws.suffix_sin
+        for i, layer in enumerate(self.expert.layers):
+            q, k, v, gate = layer.project_qkv(x, modulation(2 * i))
+            cache = ws.kv[i]
+            cache[0, :, :, p:].copy_(apply_rope(k, cos, sin))
+            cache[1, :, :, p:].copy_(v)
+            q = apply_rope(q, cos, sin)
+            if self.attention_observer is not None:
+                self.attention_observer(i, q, cache[0], ws.suffix_mask)
+            x = layer.finish(x, attend(q, cache[0], cache[1], ws.suffix_bias), gate, modulation(2 * i + 1))
+        return self.expert.norm(x, modulation(-1))[0]

@@ -162,3 +162,15 @@ def smolvla_tiny(vocab_size: int = 512) -> SmolVLAConfig:
         max_token_len=16,
         camera_names=("camera1", "camera2"),
     )
+
+
+def small_smolvla() -> SmolVLAConfig:
+    """A few-million-parameter SmolVLA for benchmarks, with every real input shape (3 cameras at 512 px,
+    48 prompt slots)."""
+    vlm = SmolVLMConfig(
+        vision=SiglipConfig(image_size=512, patch_size=16, width=96, depth=4, num_heads=4, mlp_dim=384),
+        text=SmolLMConfig(width=128, depth=4, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32),
+        scale_factor=4,
+        vocab_size=1024,
+    )
+    return SmolVLAConfig(vlm=vlm, num_vlm_layers=4)

@@ -1,47 +1,49 @@
 """SmolVLA: SmolVLM2 prefix (SigLIP + pixel shuffle + SmolLM2) + a narrower SmolLM2 action expert.
 
 Module names reproduce LeRobot's `VLAFlowMatching`, so `state_dict()` of this model is the
-checkpoint minus LeRobot's `model.` policy prefix, which `smolvla_checkpoint.py` removes and adds
+checkpoint minus LeRobot's `model.` policy prefix, which `checkpoint.py` removes and adds
 (as π0 does). The text model has no final norm and no LM head: inference only reads its K/V.
 
 The prefix is `[images | prompt | state token]`; images and prompt attend bidirectionally, the
-state token sees them all and nothing in the prefix sees it. Inference runs the prefix once
-through the (cut-down) text model and keeps each layer's post-RoPE K/V. Each Euler step then
-runs only the expert over the action tokens (causal among themselves):
-  * self-attention layers attend to [cached prefix K/V ; their own K/V], positions continuing
-    after the prefix;
-  * cross-attention layers attend to the cached prefix K/V re-projected by the expert's own
-    k_proj/v_proj, queries at positions restarting from 0.
-The re-projection does not depend on the step, so it runs once per inference; nothing is ever
-appended to the cache.
+state token sees them all and nothing in the prefix sees it. The stages (models/stages.py):
+embed() runs SigLIP, the connector, the prompt and the state token; prefix() runs the (cut-down)
+text model over the prefix once and keeps, per expert layer, what that layer attends to:
+  * self-attention layers: the text layer's post-RoPE K/V, in a cache laid out [prefix ; suffix]
+    whose suffix part each step writes in place; queries at positions continuing after the prefix;
+  * cross-attention layers: the text layer's K/V re-projected by the expert layer's own
+    k_proj/v_proj (step-invariant, so once per inference); queries at positions restarting from 0.
+Each Euler step of denoise() then runs only the expert over the action tokens (causal among
+themselves). LeRobot trains with one pass over [prefix ; suffix] whose prefix never attends to
+the suffix, so the cached steps compute the same velocity.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from quantvla_ros.models.common.attention import apply_rope, attention, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.attention import apply_rope, attend, attention_bias, make_att_2d_masks, rope_cos_sin
+from quantvla_ros.models.common.embeddings import action_time_constant, action_time_tokens, sincos_time_embedding
 from quantvla_ros.models.common.llama import RMSNorm, SwiGLUMLP
 from quantvla_ros.models.common.siglip import SiglipVisionTransformer
-from quantvla_ros.models.family import (
-    AttentionObserver,
-    AttentionSite,
-    attention_linears,
-    decoder_linears,
-    mlp_linears,
-)
-from quantvla_ros.models.pi0.model import sincos_time_embedding
+from quantvla_ros.models.family import AttentionSite, attention_linears, decoder_linears, mlp_linears
 from quantvla_ros.models.smolvla.config import SmolLMConfig, SmolVLAConfig
+from quantvla_ros.models.stages import (
+    Schedule,
+    StagedModel,
+    TimeConstants,
+    Workspace,
+    input_buffers,
+    parameter_count,
+)
 
 # LeRobot's own apply_rope (half-split layout, same as HF) with max_wavelength 1e4; the rope_theta
 # of SmolVLM2's text config is never read by SmolVLA.
 ROPE_THETA = 10_000.0
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 # Kept in fp32 inside a bf16 model, as openpi does for π0: the patch/position embeddings and
 # every RMSNorm; the small state/action/time projections outside the backbone stay fp32 too.
@@ -201,7 +203,33 @@ _LLM = "vlm_with_expert.vlm.model.text_model.layers"
 _EXPERT = "vlm_with_expert.lm_expert.layers"
 
 
-class SmolVLAModel(nn.Module):
+@dataclass
+class SmolVLAWorkspace(Workspace):
+    prefix_embs: torch.Tensor  # [B, P, text width]: [images | prompt | state]
+    prefix_pad: torch.Tensor  # [B, P] bool
+    prefix_ar: torch.Tensor  # [1, P] bool: only the state token opens a new attention block (fixed)
+    # Per self-attention expert layer [2, B, Hkv, P + S, head_dim]: post-RoPE prefix K/V, then the suffix's.
+    self_kv: list[torch.Tensor]
+    # Per cross-attention expert layer [2, B, Hkv, P, head_dim]: the prefix K/V through the layer's k/v_proj.
+    cross_kv: list[torch.Tensor]
+    suffix_allowed: torch.Tensor  # [1, S, S] bool: the action tokens are causal among themselves (fixed)
+    suffix_offsets: torch.Tensor  # [S] int64, 0..S-1: suffix positions after the prefix's valid tokens
+    self_mask: torch.Tensor  # [B, S, P + S] bool
+    self_bias: torch.Tensor  # [B, 1, S, P + S]
+    cross_mask: torch.Tensor  # [B, S, P] bool: the prefix's padding
+    cross_bias: torch.Tensor  # [B, 1, S, P]
+    self_cos: torch.Tensor  # [B, 1, S, head_dim] float32
+    self_sin: torch.Tensor  # [B, 1, S, head_dim] float32
+    cross_cos: torch.Tensor  # [1, 1, S, head_dim] float32: cross queries restart at position 0 (fixed)
+    cross_sin: torch.Tensor  # [1, 1, S, head_dim] float32
+
+
+@dataclass(frozen=True)
+class SmolVLATimeConstants(TimeConstants):
+    action_time: torch.Tensor  # [N, width]: action_time_constant() of the sincos embedding
+
+
+class SmolVLAModel(StagedModel):
     FAMILY = "smolvla"
     LINEAR_GROUPS = {
         "llm": decoder_linears(_LLM),
@@ -210,11 +238,7 @@ class SmolVLAModel(nn.Module):
     }
 
     def __init__(self, cfg: SmolVLAConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.compute_dtype = torch.float32
-        # Set by calibration; called in every expert layer of every denoising step, site = layer.
-        self.attention_observer: AttentionObserver | None = None
+        super().__init__(cfg)
         width = cfg.expert.width
         self.vlm_with_expert = SmolVLMWithExpert(cfg)
         self.state_proj = nn.Linear(cfg.max_state_dim, cfg.text.width)
@@ -223,9 +247,11 @@ class SmolVLAModel(nn.Module):
         self.action_time_mlp_in = nn.Linear(2 * width, width)
         self.action_time_mlp_out = nn.Linear(width, width)
 
+    parameter_dtype = staticmethod(parameter_dtype)
+
     @property
-    def device(self) -> torch.device:
-        return self.action_in_proj.weight.device
+    def vocab_size(self) -> int:
+        return self.cfg.vlm.vocab_size
 
     @property
     def display_name(self) -> str:
@@ -250,24 +276,14 @@ class SmolVLAModel(nn.Module):
             for i in range(e.depth)
         ]
 
-    def set_dtype(self, dtype: torch.dtype) -> SmolVLAModel:
-        for name, param in self.named_parameters():
-            param.data = param.data.to(parameter_dtype(name, dtype))
-        self.compute_dtype = dtype
-        return self
-
     def component_parameters(self) -> dict[str, int]:
         """Parameter count per component (works on the meta device)."""
-
-        def count(*modules: nn.Module) -> int:
-            return sum(p.numel() for m in modules for p in m.parameters())
-
         counts = {
-            "vision": count(self.vlm.vision_model, self.vlm.connector),
-            "llm": count(self.llm),
-            "expert": count(self.expert),
+            "vision": parameter_count(self.vlm.vision_model, self.vlm.connector),
+            "llm": parameter_count(self.llm),
+            "expert": parameter_count(self.expert),
         }
-        counts["action_projections"] = count(self) - sum(counts.values())
+        counts["action_projections"] = parameter_count(self) - sum(counts.values())
         return counts
 
     # ---- embedding ---------------------------------------------------------------------
@@ -285,135 +301,131 @@ class SmolVLAModel(nn.Module):
         tokens: torch.Tensor,
         token_masks: torch.Tensor,
         state: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prefix [images | prompt | state]: AR mask 0 except the state token's 1."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix embeddings [images | prompt | state] and their padding mask."""
         scale = math.sqrt(self.cfg.text.width)  # LeRobot scales image and text embeddings alike
         img = self.embed_images(images) * scale
         img_pad = image_masks.repeat_interleave(img.shape[1] // images.shape[1], dim=1)
         txt = self.llm.embed_tokens(tokens).to(self.compute_dtype) * scale
         state_token = self.state_proj(state.float())[:, None, :].to(self.compute_dtype)
-        embs = torch.cat([img, txt, state_token], dim=1)
         state_pad = torch.ones_like(token_masks[:, :1])
-        pad = torch.cat([img_pad, token_masks, state_pad], dim=1)
-        ar = torch.zeros_like(pad)
-        ar[:, -1] = True
-        return embs, pad, ar
-
-    def embed_suffix(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Action tokens with the time fused in (π0-style MLP), causal among themselves."""
-        b, horizon, _ = x_t.shape
-        width = self.cfg.expert.width
-        time_emb = sincos_time_embedding(t, width, self.cfg.min_period, self.cfg.max_period)
-        action_emb = self.action_in_proj(x_t.float())
-        fused = torch.cat([action_emb, time_emb[:, None, :].expand(b, horizon, width)], dim=2)
-        embs = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(fused))).to(self.compute_dtype)
-        pad = torch.ones(b, horizon, dtype=torch.bool, device=embs.device)
-        return embs, pad, torch.ones_like(pad)
+        return torch.cat([img, txt, state_token], dim=1), torch.cat([img_pad, token_masks, state_pad], dim=1)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(positions, self.cfg.text.head_dim, ROPE_THETA)
 
-    # ---- prefix and cache ----------------------------------------------------------------
-    def compute_prefix_kv(
-        self, prefix_embs: torch.Tensor, prefix_pad: torch.Tensor, prefix_ar: torch.Tensor
-    ) -> KVCache:
-        """Each text layer's post-RoPE K/V over the prefix (its hidden output is never needed)."""
-        cos, sin = self.rope(torch.cumsum(prefix_pad.long(), dim=1) - 1)
-        allowed = make_att_2d_masks(prefix_pad, prefix_ar)
-        x, kv = prefix_embs, []
-        for i, layer in enumerate(self.llm.layers):
+    # ---- stages ------------------------------------------------------------------------
+    def workspace(self, image_shape: tuple[int, ...], prompt_len: int) -> SmolVLAWorkspace:
+        cfg, dev, dtype = self.cfg, self.device, self.compute_dtype
+        b, c = image_shape[:2]
+        text, s = cfg.text, cfg.action_horizon
+        p = c * cfg.vlm.tokens_per_image + prompt_len + 1
+        heads, head_dim = text.num_kv_heads, text.head_dim
+        layers = range(cfg.expert.depth)
+        prefix_ar = torch.zeros(1, p, dtype=torch.bool, device=dev)
+        prefix_ar[:, -1] = True
+        suffix_ar = torch.ones(1, s, dtype=torch.bool, device=dev)
+        cross_cos, cross_sin = self.rope(torch.arange(s, device=dev)[None])
+
+        def kv(length: int) -> torch.Tensor:
+            return torch.zeros(2, b, heads, length, head_dim, dtype=dtype, device=dev)
+
+        return SmolVLAWorkspace(
+            **input_buffers(cfg, image_shape, prompt_len, dev),
+            prefix_embs=torch.zeros(b, p, text.width, dtype=dtype, device=dev),
+            prefix_pad=torch.zeros(b, p, dtype=torch.bool, device=dev),
+            prefix_ar=prefix_ar,
+            self_kv=[kv(p + s) for i in layers if not cfg.is_cross_layer(i)],
+            cross_kv=[kv(p) for i in layers if cfg.is_cross_layer(i)],
+            suffix_allowed=make_att_2d_masks(suffix_ar, suffix_ar),
+            suffix_offsets=torch.arange(s, device=dev),
+            self_mask=torch.zeros(b, s, p + s, dtype=torch.bool, device=dev),
+            self_bias=torch.zeros(b, 1, s, p + s, dtype=dtype, device=dev),
+            cross_mask=torch.zeros(b, s, p, dtype=torch.bool, device=dev),
+            cross_bias=torch.zeros(b, 1, s, p, dtype=dtype, device=dev),
+            self_cos=torch.zeros(b, 1, s, head_dim, device=dev),
+            self_sin=torch.zeros(b, 1, s, head_dim, device=dev),
+            cross_cos=cross_cos,
+            cross_sin=cross_sin,
+        )
+
+    def embed(self, ws: SmolVLAWorkspace) -> None:
+        embs, pad = self.embed_prefix(ws.images, ws.image_masks, ws.tokens, ws.token_masks, ws.state)
+        ws.prefix_embs.copy_(embs)
+        ws.prefix_pad.copy_(pad)
+
+    def _caches(self, ws: SmolVLAWorkspace) -> list[tuple[bool, torch.Tensor]]:
+        """(is cross, cache) of every expert layer, in layer order."""
+        self_kv, cross_kv = iter(ws.self_kv), iter(ws.cross_kv)
+        cross = [self.cfg.is_cross_layer(i) for i in range(self.cfg.expert.depth)]
+        return [(c, next(cross_kv) if c else next(self_kv)) for c in cross]
+
+    def prefix(self, ws: SmolVLAWorkspace) -> None:
+        """The text layers over the prefix, filling what each expert layer attends to; then the
+        suffix's masks and RoPE tables, which depend on the prefix's padding only."""
+        dtype = self.compute_dtype
+        pad = ws.prefix_pad
+        b, p = pad.shape
+        cos, sin = self.rope(torch.cumsum(pad.long(), dim=1) - 1)
+        bias = attention_bias(make_att_2d_masks(pad, ws.prefix_ar.expand(b, p)), dtype)
+        x = ws.prefix_embs
+        layers = self.llm.layers
+        for i, (layer, expert_layer, (cross, cache)) in enumerate(
+            zip(layers, self.expert.layers, self._caches(ws), strict=True)
+        ):
             q, k, v = layer.query_key_value(x, cos, sin)
-            kv.append((k, v))
-            if i + 1 < len(self.llm.layers):  # the last layer's output is never read
-                x = layer.finish(x, attention(q, k, v, allowed))
-        return kv
-
-    def expert_context(self, prefix_kv: KVCache) -> KVCache:
-        """What each expert layer attends to in the prefix: the cache itself for self-attention
-        layers, its re-projection by the layer's k/v_proj for cross-attention layers."""
-        return [
-            layer.cross_key_value(k, v) if self.cfg.is_cross_layer(i) else (k, v)
-            for i, (layer, (k, v)) in enumerate(zip(self.expert.layers, prefix_kv, strict=True))
-        ]
-
-    # ---- denoising ---------------------------------------------------------------------
-    def velocity_cached(
-        self, prefix_pad: torch.Tensor, context: KVCache, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """One denoising step's velocity from the expert alone, reading the prefix context."""
-        x, suffix_pad, suffix_ar = self.embed_suffix(x_t, t)
-        b, s = suffix_pad.shape
-        sees_prefix = prefix_pad[:, None, :].expand(b, s, prefix_pad.shape[1])
-        self_allowed = torch.cat([sees_prefix, make_att_2d_masks(suffix_pad, suffix_ar)], dim=2)
-        steps = torch.cumsum(suffix_pad.long(), dim=1) - 1
-        self_rope = self.rope(prefix_pad.sum(dim=1, keepdim=True) + steps)
-        cross_rope = self.rope(steps)
-        for i, (layer, (ctx_k, ctx_v)) in enumerate(zip(self.expert.layers, context, strict=True)):
-            if self.cfg.is_cross_layer(i):
-                q, k, v, allowed = layer.query(x, *cross_rope), ctx_k, ctx_v, sees_prefix
+            if cross:
+                k_cross, v_cross = expert_layer.cross_key_value(k, v)
+                cache[0].copy_(k_cross)
+                cache[1].copy_(v_cross)
             else:
-                q, own_k, own_v = layer.query_key_value(x, *self_rope)
-                k, v, allowed = torch.cat([ctx_k, own_k], dim=2), torch.cat([ctx_v, own_v], dim=2), self_allowed
+                cache[0, :, :, :p].copy_(k)
+                cache[1, :, :, :p].copy_(v)
+            # The expert reads only the K/V of the last layer, never its output.
+            if i + 1 < len(layers):
+                x = layer.finish(x, attend(q, k, v, bias))
+        s = ws.suffix_allowed.shape[1]
+        ws.cross_mask.copy_(pad[:, None, :].expand(b, s, p))
+        ws.cross_bias.copy_(attention_bias(ws.cross_mask, dtype))
+        ws.self_mask.copy_(torch.cat([ws.cross_mask, ws.suffix_allowed.expand(b, s, s)], dim=2))
+        ws.self_bias.copy_(attention_bias(ws.self_mask, dtype))
+        cos, sin = self.rope(pad.sum(dim=1, keepdim=True) + ws.suffix_offsets)
+        ws.self_cos.copy_(cos)
+        ws.self_sin.copy_(sin)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """t = 1, 1 - 1/n, ..., 1/n: the flow runs from noise (t = 1) to actions (t = 0)."""
+        return torch.tensor([1.0 - step / num_steps for step in range(num_steps)], device=self.device)
+
+    def time_constants(self, t: torch.Tensor) -> SmolVLATimeConstants:
+        cfg = self.cfg
+        time_emb = sincos_time_embedding(t, cfg.expert.width, cfg.min_period, cfg.max_period)
+        return SmolVLATimeConstants(action_time_constant(self.action_time_mlp_in, time_emb))
+
+    def denoise(self, ws: SmolVLAWorkspace, schedule: Schedule) -> None:
+        """Euler steps from t = 1 (noise) to t = 0 (actions)."""
+        n = schedule.num_steps
+        x_t = ws.actions
+        x_t.copy_(ws.noise)
+        for step in range(n):
+            x_t.sub_(self.velocity(ws, x_t, schedule.constants.row(step)) / n)
+
+    def velocity(self, ws: SmolVLAWorkspace, x_t: torch.Tensor, time: SmolVLATimeConstants) -> torch.Tensor:
+        """The flow's velocity [B, horizon, action_dim] at actions x_t, from the expert alone over
+        the prefix context; `time` holds one row of time_constants() (or one per sample)."""
+        action_emb = self.action_in_proj(x_t.float())
+        x = action_time_tokens(self.action_time_mlp_in, self.action_time_mlp_out, action_emb, time.action_time)
+        x = x.to(self.compute_dtype)
+        p = ws.prefix_pad.shape[1]
+        for i, (layer, (cross, cache)) in enumerate(zip(self.expert.layers, self._caches(ws), strict=True)):
+            if cross:
+                q, bias, mask = layer.query(x, ws.cross_cos, ws.cross_sin), ws.cross_bias, ws.cross_mask
+            else:
+                q, k, v = layer.query_key_value(x, ws.self_cos, ws.self_sin)
+                cache[0, :, :, p:].copy_(k)
+                cache[1, :, :, p:].copy_(v)
+                bias, mask = ws.self_bias, ws.self_mask
             if self.attention_observer is not None:
-                self.attention_observer(i, q, k, allowed)
-            x = layer.finish(x, attention(q, k, v, allowed))
+                self.attention_observer(i, q, cache[0], mask)
+            x = layer.finish(x, attend(q, cache[0], cache[1], bias))
         return self.action_out_proj(self.expert.norm(x)[:, -self.cfg.action_horizon :].float())
-
-    def velocity_full(
-        self, prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """The same velocity from one pass over [prefix ; suffix] (LeRobot's training forward):
-        self-attention layers attend jointly, cross-attention layers let the prefix attend to
-        itself and the expert to the re-projected prefix K/V."""
-        prefix_embs, prefix_pad, prefix_ar = prefix
-        suffix, suffix_pad, suffix_ar = self.embed_suffix(x_t, t)
-        p = prefix_pad.shape[1]
-        pad = torch.cat([prefix_pad, suffix_pad], dim=1)
-        allowed = make_att_2d_masks(pad, torch.cat([prefix_ar, suffix_ar], dim=1))
-        positions = torch.cumsum(pad.long(), dim=1) - 1
-        cos, sin = self.rope(positions)
-        suffix_positions = positions[:, p:]
-        cross_rope = self.rope(suffix_positions - suffix_positions.min(dim=1, keepdim=True).values)
-        xp, xs = prefix_embs, suffix
-        for i, (vlm_layer, expert_layer) in enumerate(zip(self.llm.layers, self.expert.layers, strict=True)):
-            qp, kp, vp = vlm_layer.query_key_value(xp, cos[:, :, :p], sin[:, :, :p])
-            if self.cfg.is_cross_layer(i):
-                out_p = attention(qp, kp, vp, allowed[:, :p, :p])
-                qs = expert_layer.query(xs, *cross_rope)
-                ks, vs = expert_layer.cross_key_value(kp, vp)
-                out_s = attention(qs, ks, vs, allowed[:, p:, :p])
-            else:
-                qs, ks, vs = expert_layer.query_key_value(xs, cos[:, :, p:], sin[:, :, p:])
-                out = attention(
-                    torch.cat([qp, qs], dim=2), torch.cat([kp, ks], dim=2), torch.cat([vp, vs], dim=2), allowed
-                )
-                out_p, out_s = out[:, :p], out[:, p:]
-            xp, xs = vlm_layer.finish(xp, out_p), expert_layer.finish(xs, out_s)
-        return self.action_out_proj(self.expert.norm(xs)[:, -self.cfg.action_horizon :].float())
-
-    @torch.no_grad()
-    def sample_actions(
-        self,
-        images: torch.Tensor,
-        image_masks: torch.Tensor,
-        tokens: torch.Tensor,
-        token_masks: torch.Tensor,
-        state: torch.Tensor,
-        noise: torch.Tensor,
-        num_steps: int | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Euler integration of the flow from t=1 (noise) to t=0 (actions); [B, H, action_dim] fp32."""
-        num_steps = num_steps or self.cfg.num_steps
-        prefix = self.embed_prefix(images, image_masks, tokens, token_masks, state)
-        context = self.expert_context(self.compute_prefix_kv(*prefix)) if use_cache else None
-        x_t = noise.float()
-        b = x_t.shape[0]
-        for step in range(num_steps):
-            t = torch.full((b,), 1.0 - step / num_steps, dtype=torch.float32, device=x_t.device)
-            if context is not None:
-                v_t = self.velocity_cached(prefix[1], context, x_t, t)
-            else:
-                v_t = self.velocity_full(prefix, x_t, t)
-            x_t = x_t - v_t / num_steps
-        return x_t
