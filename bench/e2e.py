@@ -61,7 +61,8 @@ from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.models.smolvla.config import small_smolvla, smolvla_full
 from quantvla_ros.models.smolvla.model import SmolVLAModel
 from quantvla_ros.models.stages import StagedModel
-from quantvla_ros.quant.api import method_config, quantize_
+from quantvla_ros.quant.api import quantize_
+from quantvla_ros.quant.config import method_config
 from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.quant.linear import QuantLinear
 from quantvla_ros.quant.memory import layout_memory

@@ -29,8 +29,9 @@ from quantvla_ros.data.buffer import build_buffer
 from quantvla_ros.data.mapping import TopicMapping, read_params_file
 from quantvla_ros.loader import load_policy
 from quantvla_ros.paths import config_file, demo_policy
-from quantvla_ros.quant.api import method_config, quantize_
+from quantvla_ros.quant.api import quantize_
 from quantvla_ros.quant.artifact import weight_bytes
+from quantvla_ros.quant.config import method_config
 from quantvla_ros.quant.fidelity import fidelity
 from quantvla_ros.sim.demos import record_task
 from quantvla_ros.sim.evaluate import evaluate

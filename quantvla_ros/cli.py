@@ -126,8 +126,9 @@ def cmd_layout(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from quantvla_ros.data.buffer import load_buffer
     from quantvla_ros.models.policy import load_float_policy
-    from quantvla_ros.quant.api import method_config, quantize_
+    from quantvla_ros.quant.api import quantize_
     from quantvla_ros.quant.artifact import is_artifact, save_artifact
+    from quantvla_ros.quant.config import method_config
 
     config = method_config(
         args.method,
@@ -165,7 +166,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         }
     record = quantize_(policy.model, config, buffer, batch_size=args.batch_size)
     out = save_artifact(policy.model, policy.info, record, Path(args.out), calibration)
-    print(f"Wrote {out} ({config.method}, W{config.w_bits}A{config.a_bits}, {len(record.modules)} quantized layers).")
+    print(f"Wrote {out} ({config.method}, {config.linear.bits}, {len(record.modules)} quantized layers).")
 
 
 def cmd_fidelity(args: argparse.Namespace) -> None:
@@ -175,6 +176,7 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
 
     reference = load_policy(args.reference, device=args.device, asset_id=args.asset_id)
     buffer = load_buffer(args.buffer)
+    buffer.check_matches(reference, f"--buffer {args.buffer}")
     rows = {}
     for path in args.candidate:
         candidate = load_policy(path, device=args.device)

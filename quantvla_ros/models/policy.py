@@ -12,8 +12,10 @@ action dimension. The same class serves every family (π0 / π0.5, GR00T N1.5, S
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -50,6 +52,17 @@ class ModelInputs:
 
     def to(self, device: str | torch.device) -> ModelInputs:
         return ModelInputs(**{name: t.to(device) for name, t in vars(self).items()})
+
+
+class CalibrationSource(Protocol):
+    """Observations prepared for one policy, in batches: all that calibration and fidelity reports
+    read (a calibration buffer from recorded bags is one; data.buffer.CalibrationBuffer)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, device: str | torch.device = "cpu") -> Iterator[ModelInputs]:
+        """Every sample once, in order, as batches of at most batch_size on `device`."""
+        ...
 
 
 class Policy:

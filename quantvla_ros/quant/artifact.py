@@ -32,7 +32,8 @@ from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInf
 from quantvla_ros.models.family import ModelFamily
 from quantvla_ros.models.registry import family_of, load_model
 from quantvla_ros.models.stages import StagedModel
-from quantvla_ros.quant.api import QuantRecord, _set_module
+from quantvla_ros.quant.api import QuantRecord
+from quantvla_ros.quant.convert import set_module
 from quantvla_ros.quant.linear import QuantLinear
 
 ARTIFACT_FORMAT = "quantvla-artifact/1"
@@ -152,7 +153,7 @@ def load_artifact(
 
     def swap_in_quant_linears(model: StagedModel) -> None:
         for name, spec in modules.items():
-            _set_module(model, name, QuantLinear.from_spec(spec))
+            set_module(model, name, QuantLinear.from_spec(spec))
 
     asset_id = quant_config.get("source_checkpoint", {}).get("asset_id")
     model, info, family = load_model(path, device, dtype, asset_id, adapt=swap_in_quant_linears)

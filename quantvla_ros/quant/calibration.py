@@ -1,4 +1,4 @@
-"""Attention temperature matching (ATM) and output head balancing (OHB).
+"""Phase 4 of quantize_: attention temperature matching (ATM) and output head balancing (OHB).
 
 Quantizing the LLM and the expert's MLPs shifts what reaches the expert's attention: the
 softmax logits of the quantized student get sharper or flatter than the float teacher's, and
@@ -18,10 +18,13 @@ step, as in the authors' code: one α per head shared by all steps.
 
 The paper's main text says ±0.4; its appendix and this default say 0.3 (e^±0.3 = [0.74, 1.35]).
 The authors' GR00T code clamps α linearly to [0.7, 1.4] with a neutral band |α − 1| < 0.02:
-`clamp="linear"`. Statistics default to pooled moments over every valid logit of every call,
+`atm_clamp="linear"`. Statistics default to pooled moments over every valid logit of every call,
 which weights each logit equally, as the issue's definition reads; the authors' code averages a
-std per (sample, head) per call and an RMS per call: `pooling="per_call"`. The two differ only
-in how calls and samples of different length are weighted.
+std per (sample, head) per call and an RMS per call: `stat_pooling="per_call"`.
+
+α and β are measured all at once by default, as the authors' code does: both from one run of the
+student with neither folded, so β does not see the change α makes to the attention output.
+`sequential=True` measures α, folds it, runs the student again and measures β on that.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from quantvla_ros.data.buffer import CalibrationBuffer
+from quantvla_ros.models.policy import CalibrationSource
 from quantvla_ros.models.stages import StagedModel
+from quantvla_ros.quant.config import ATMOHBConfig
 from quantvla_ros.quant.linear import QuantLinear
+from quantvla_ros.quant.statistics import replay
 
 
 class ExpertStatistics:
@@ -92,37 +96,10 @@ def _std(total: torch.Tensor, squares: torch.Tensor, count: torch.Tensor) -> tor
     return (squares / count - mean.square()).clamp_min(0).sqrt()
 
 
-def sample_noise(buffer_size: int, horizon: int, action_dim: int, seed: int) -> torch.Tensor:
-    """One fixed noise draw per buffer sample, so teacher and student integrate from the same start."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(buffer_size, horizon, action_dim, generator=g)
-
-
-@torch.no_grad()
-def replay(model: StagedModel, buffer: CalibrationBuffer, batch_size: int, seed: int, desc: str | None = None) -> None:
-    """Full inferences over the buffer, each sample with its `sample_noise` draw; hooks observe them."""
-    cfg = model.cfg
-    noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
-    device = model.device
-    start = 0
-    batches = buffer.batches(batch_size, device)
-    total = math.ceil(len(buffer) / batch_size)
-    for inputs in tqdm(batches, total=total, desc=desc, disable=desc is None, unit="batch"):
-        n = inputs.images.shape[0]
-        model.sample_actions(
-            inputs.images,
-            inputs.image_masks,
-            inputs.tokens,
-            inputs.token_masks,
-            inputs.state,
-            noise[start : start + n].to(device),
-        )
-        start += n
-
-
 def collect_expert_statistics(
-    model: StagedModel, buffer: CalibrationBuffer, batch_size: int = 8, seed: int = 0, desc: str | None = None
+    model: StagedModel, source: CalibrationSource, batch_size: int = 8, seed: int = 0, desc: str | None = None
 ) -> ExpertStatistics:
+    """The expert attention logits' and output projections' moments over full inferences on the source."""
     sites = model.attention_sites()
     heads = {site.num_heads for site in sites}
     if len(heads) != 1:
@@ -134,7 +111,7 @@ def collect_expert_statistics(
     ]
     model.attention_observer = stats.observe_attention
     try:
-        replay(model, buffer, batch_size, seed, desc)
+        replay(model, source, batch_size, seed, desc)
     finally:
         model.attention_observer = None
         for h in hooks:
@@ -215,28 +192,28 @@ class ATMOHBResult:
 def calibrate_atm_ohb(
     teacher: StagedModel,
     student: StagedModel,
-    buffer: CalibrationBuffer,
-    atm: bool = True,
-    ohb: bool = True,
-    clamp_log: float = 0.3,
-    neutral_log: float = 0.03,
-    clamp: str = "log",
-    pooling: str = "pooled",
+    source: CalibrationSource,
+    config: ATMOHBConfig,
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
 ) -> ATMOHBResult:
-    """Measure teacher and student (ATM/OHB off) on the same inputs and noise, then fold α and β into the student."""
-    t_stats = collect_expert_statistics(teacher, buffer, batch_size, seed, "teacher" if progress else None)
-    s_stats = collect_expert_statistics(student, buffer, batch_size, seed, "student" if progress else None)
+    """Measure teacher and student on the same inputs and noise, then fold α and β into the student."""
+
+    def measure(model: StagedModel, desc: str) -> ExpertStatistics:
+        return collect_expert_statistics(model, source, batch_size, seed, desc if progress else None)
+
+    def scale(teacher_value: torch.Tensor, student_value: torch.Tensor) -> torch.Tensor:
+        return matched_scale(teacher_value, student_value, config.clamp_log, config.neutral_log, config.atm_clamp)
+
+    pooling = config.stat_pooling
+    t_stats, s_stats = measure(teacher, "teacher"), measure(student, "student")
     t_std, s_std = t_stats.logit_std(pooling), s_stats.logit_std(pooling)
-    t_rms, s_rms = t_stats.output_rms(pooling), s_stats.output_rms(pooling)
-    alpha = matched_scale(t_std, s_std, clamp_log, neutral_log, clamp)
-    beta = matched_scale(t_rms, s_rms, clamp_log, neutral_log, clamp)
-    if not atm:
-        alpha = torch.ones_like(alpha)
-    if not ohb:
-        beta = torch.ones_like(beta)
+    alpha = scale(t_std, s_std) if config.atm else torch.ones_like(t_std)
     fold_atm(student, alpha)
+    if config.sequential and config.ohb:
+        s_stats = measure(student, "student with α")
+    t_rms, s_rms = t_stats.output_rms(pooling), s_stats.output_rms(pooling)
+    beta = scale(t_rms, s_rms) if config.ohb else torch.ones_like(t_rms)
     fold_ohb(student, beta)
     return ATMOHBResult(alpha, beta, t_std / (s_std + 1e-6), t_rms / (s_rms + 1e-6), t_stats, s_stats)

@@ -24,9 +24,8 @@ import torch
 from tqdm import tqdm
 
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
-from quantvla_ros.data.buffer import CalibrationBuffer
-from quantvla_ros.models.policy import Policy
-from quantvla_ros.quant.calibration import sample_noise
+from quantvla_ros.models.policy import CalibrationSource, Policy
+from quantvla_ros.quant.statistics import sample_noise
 
 
 class LayerSQNR:
@@ -48,13 +47,13 @@ def fidelity(
     reference: Policy,
     candidate: Policy,
     quantized: list[str],
-    buffer: CalibrationBuffer,
+    source: CalibrationSource,
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict:
-    buffer.check_matches(reference, "the fidelity buffer")
+    """Both policies on every observation of `source` (prepared for `reference`), with the same noise."""
     cfg = reference.model.cfg
-    noise = sample_noise(len(buffer), cfg.action_horizon, cfg.action_dim, seed)
+    noise = sample_noise(len(source), cfg.action_horizon, cfg.action_dim, seed)
     sqnr = LayerSQNR()
 
     def hook(name: str):
@@ -71,8 +70,8 @@ def fidelity(
     cosines: list[float] = []
     try:
         start = 0
-        batches = buffer.batches(batch_size, reference.device)
-        for inputs in tqdm(batches, total=math.ceil(len(buffer) / batch_size), desc="fidelity", unit="batch"):
+        batches = source.batches(batch_size, reference.device)
+        for inputs in tqdm(batches, total=math.ceil(len(source) / batch_size), desc="fidelity", unit="batch"):
             n = inputs.images.shape[0]
             eps = noise[start : start + n]
             a_ref = reference.sample(inputs, eps)[..., :dims].float().cpu()
@@ -85,7 +84,7 @@ def fidelity(
         for h in hooks:
             h.remove()
     return {
-        "samples": len(buffer),
+        "samples": len(source),
         "action_relative_mse": err / max(ref_power, 1e-30),
         "action_cosine": sum(cosines) / len(cosines),
         "layer_sqnr_db": sqnr.db(),

@@ -19,8 +19,9 @@ from quantvla_ros.data.bags import read_observations
 from quantvla_ros.data.buffer import build_buffer, save_buffer
 from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.models.policy import load_float_policy
-from quantvla_ros.quant.api import method_config, quantize_
+from quantvla_ros.quant.api import quantize_
 from quantvla_ros.quant.artifact import save_artifact
+from quantvla_ros.quant.config import method_config
 from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare, require
 from quantvla_ros.ros.policy_node import PARAMETERS, REQUIRED
@@ -64,7 +65,7 @@ def run_calibration(params: dict, log=print) -> dict:
         record = quantize_(policy.model, config, buffer, batch_size=int(params["batch_size"]))
         calibration = {"buffer": str(path), "samples": len(buffer), "sources": sources, "topics": topics}
         out = save_artifact(policy.model, policy.info, record, Path(params["artifact"]), calibration)
-        log(f"Wrote {out}: {config.method} W{config.w_bits}A{config.a_bits}, {len(record.modules)} quantized layers.")
+        log(f"Wrote {out}: {config.method} {config.linear.bits}, {len(record.modules)} quantized layers.")
         result["artifact"] = str(out)
     return result
 

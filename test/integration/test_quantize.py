@@ -13,9 +13,10 @@ from quantvla_ros.cli import main
 from quantvla_ros.data.buffer import build_buffer, save_buffer
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.common.checkpoint import CheckpointError
-from quantvla_ros.quant.api import method_config, quantize_
+from quantvla_ros.quant.api import quantize_
 from quantvla_ros.quant.artifact import load_artifact, save_artifact
 from quantvla_ros.quant.calibration import collect_expert_statistics
+from quantvla_ros.quant.config import method_config
 from quantvla_ros.quant.linear import QuantLinear
 
 from conftest import INSTRUCTIONS, observation

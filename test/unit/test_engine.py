@@ -27,7 +27,8 @@ from quantvla_ros.models.pi0.config import tiny
 from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.models.policy import Observation
 from quantvla_ros.models.stages import StagedModel
-from quantvla_ros.quant.api import method_config, quantize_
+from quantvla_ros.quant.api import quantize_
+from quantvla_ros.quant.config import method_config
 from quantvla_ros.quant.layout import Layout
 from quantvla_ros.quant.linear import QuantLinear
 

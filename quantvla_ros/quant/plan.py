@@ -1,0 +1,89 @@
+"""Phase 2 of quantize_: decide each selected Linear's input transform and static activation scales.
+
+Nothing is quantized here: a plan is what `convert.convert_layers` needs to build each QuantLinear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantvla_ros.models.policy import CalibrationSource
+from quantvla_ros.models.stages import StagedModel
+from quantvla_ros.quant.activations import percentile_channel_scales
+from quantvla_ros.quant.config import LinearConfig
+from quantvla_ros.quant.statistics import observe_inputs
+from quantvla_ros.quant.transforms import InputTransform, duquant, smoothquant
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    transform: InputTransform | None  # applied to the input at run time, folded into the weight
+    input_scale: torch.Tensor | None  # static per-channel activation scales [K] of the transformed input
+
+
+def make_transform(
+    config: LinearConfig, weight: torch.Tensor, absmax: torch.Tensor | None, seed: int = 0
+) -> InputTransform | None:
+    """The layer's input transform; `absmax` is None for a layer calibration never ran (one whose
+    output inference never reads), which gets no smoothing."""
+    if config.transform == "none" or (config.transform == "smoothquant" and absmax is None):
+        return None
+    if config.transform == "smoothquant":
+        return smoothquant(weight, absmax.to(weight.device), config.smoothquant_alpha)
+    # Smoothing before the rotations is the paper's formulation (App. B); the authors' code
+    # skips it, but rotations alone leave W4A8 activation outliers where plain RTN left them.
+    smooth = config.duquant_smoothing and absmax is not None
+    return duquant(
+        weight,
+        absmax.to(weight.device) if smooth else None,
+        smooth_alpha=config.smoothquant_alpha if smooth else None,
+        block_size=config.duquant_block,
+        rotation=config.duquant_rotation,
+        seed=seed,
+    )
+
+
+def collect_static_scales(
+    model: StagedModel,
+    transforms: dict[str, InputTransform | None],
+    source: CalibrationSource,
+    config: LinearConfig,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Static per-channel activation scales of the transformed inputs (running max of the percentile)."""
+    scales: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        transform = transforms[name]
+        x = x.float() if transform is None else transform.apply(x.float())
+        s = percentile_channel_scales([x], config.a_bits, config.act_percentile).cpu()
+        scales[name] = s if name not in scales else torch.maximum(scales[name], s)
+
+    desc = "static activation scales" if progress else None
+    observe_inputs(model, list(transforms), source, record, batch_size, seed, desc)
+    return scales
+
+
+def plan_layers(
+    model: StagedModel,
+    names: list[str],
+    config: LinearConfig,
+    absmax: dict[str, torch.Tensor],
+    source: CalibrationSource | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, LayerPlan]:
+    """Each named Linear's plan, from its weight and its calibrated input ranges (`absmax`, empty
+    when the transform needs none). Static activation scales take one more pass over `source`."""
+    transforms = {n: make_transform(config, model.get_submodule(n).weight, absmax.get(n), seed) for n in names}
+    static = {}
+    if config.static_activations:
+        if source is None:
+            raise ValueError("Static activation scales are calibrated from data; pass a calibration buffer.")
+        static = collect_static_scales(model, transforms, source, config, batch_size, seed, progress)
+    return {n: LayerPlan(transforms[n], static.get(n)) for n in names}
