@@ -146,6 +146,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         atm_clamp=args.atm_clamp,
         stat_pooling=args.stat_pooling,
         clamp_log=args.clamp_log,
+        sequential=True if args.atm_ohb_sequential else None,
         neutral_log=args.neutral_log,
         seed=args.seed,
     )
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
     quantize.add_argument("--no-ohb", action="store_true", help="skip output head balancing")
+    quantize.add_argument(
+        "--atm-ohb-sequential", action="store_true", help="measure OHB's β after ATM's α is folded (default: at once)"
+    )
     quantize.add_argument("--clamp-log", type=float, help="clamp |log α|, |log β| (0.3)")
     quantize.add_argument("--neutral-log", type=float, help="|log| below this sets α, β to 1 (0.03)")
     quantize.add_argument("--device", default="cpu")

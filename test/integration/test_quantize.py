@@ -129,7 +129,8 @@ def test_methods_that_calibrate_refuse_to_run_without_data(float_path):
 
 def test_cli_quantize_layout_and_fidelity(float_path, buffer_file, tmp_path, capsys):
     artifacts = []
-    for method, extra in (("quantvla", []), ("rtn", []), ("duquant", ["--layout", "llm_and_expert_all"])):
+    methods = (("quantvla", ["--atm-ohb-sequential"]), ("rtn", []), ("duquant", ["--layout", "llm_and_expert_all"]))
+    for method, extra in methods:
         out = tmp_path / method
         code = main(
             ["quantize", "--checkpoint", str(float_path), "--calib", str(buffer_file)]
@@ -140,6 +141,7 @@ def test_cli_quantize_layout_and_fidelity(float_path, buffer_file, tmp_path, cap
     qc = json.loads((tmp_path / "quantvla" / "quant_config.json").read_text())
     assert qc["calibration"]["samples"] == 6 and qc["calibration"]["sources"][0]["bag"] == "synthetic"
     assert len(qc["atm_ohb"]["alpha"]) == 2 and qc["model_safetensors_sha256"]
+    assert qc["sequential"] is True and qc["w_bits"] == 4 and qc["transform"] == "duquant"
 
     capsys.readouterr()
     assert main(["layout", str(float_path), "--layout", "quantvla", "--json"]) == 0
