@@ -1,15 +1,29 @@
 """Exact integer GEMMs in plain torch: the CPU path, and the oracle the GPU kernels must match.
 
-Weights are [N, K] like nn.Linear.weight; activations are [M, K] and quantized per token.
+Weights are [N, K] like nn.Linear.weight; activations are [M, K] and quantized per token,
+symmetrically, or asymmetrically with a zero point per token (then each group's integer sum is
+corrected by the zero point times the weight codes' sum over that group, precomputed offline).
 """
 
 import torch
 
 from .packing import unpack_int4
-from .quantize import quantize_per_token
+from .quantize import quantize_per_token, quantize_per_token_asym
 
 # int32 accumulation holds K products of magnitude up to 128 * 128 = 2**14 only while K < 2**17.
 _MAX_K = 2**17 - 1
+# With a zero point, a product (q - zero) * w reaches 255 * 128: the corrected sum fits int32 while
+# K < 2**31 / (255 * 128), i.e. K <= 65792 (int32 wraps in between but the true value fits).
+_MAX_K_ASYM = 2**16 - 1
+
+
+def code_sums(w_q: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """Sum of the weight codes w_q int8 [N, K] per output channel (int32 [N]) or per group along K
+    (int32 [N, K // group_size]): what a zero point multiplies in an asymmetric GEMM."""
+    n, k = w_q.shape
+    if group_size is None:
+        return w_q.sum(dim=1, dtype=torch.int32)
+    return w_q.reshape(n, k // group_size, group_size).sum(dim=2, dtype=torch.int32)
 
 
 def _check_operands(fn: str, a_q: torch.Tensor, w_q: torch.Tensor) -> tuple[int, int, int]:
@@ -52,13 +66,17 @@ def scaled_int_matmul(
     group_size: int | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
+    a_zero: torch.Tensor | None = None,
+    w_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dequantizing int8 GEMM: (a_q * a_scale) @ (w_q * w_scale).T + bias, as [M, N] out_dtype.
+    """Dequantizing int8 GEMM: ((a_q - a_zero) * a_scale) @ (w_q * w_scale).T + bias, as [M, N] out_dtype.
 
     w_scale is [N] per output channel (group_size None) or [N, K // group_size] per group along K.
-    The epilogue, in float32: acc_w = sum over groups, in order, of int32_partial_g * w_scale_g
-    (one group when per channel); y = acc_w * a_scale + bias. Group scales cannot be folded into
-    one int32 accumulator, so each group's exact partial sum is scaled on its own.
+    a_zero (int32 [M, 1], asymmetric activations) comes with w_sum = code_sums(w_q, group_size).
+    The epilogue, in float32: acc_w = sum over groups, in order, of exact_int_g * w_scale_g (one
+    group when per channel), exact_int_g = int32 sum over the group of a_q * w_q, minus a_zero *
+    w_sum_g; y = acc_w * a_scale + bias. Group scales cannot be folded into one int32 accumulator,
+    so each group's exact partial sum is scaled on its own.
     """
     m, k, n = _check_operands("scaled_int_matmul", a_q, w_q)
     if not a_scale.is_floating_point() or a_scale.shape != (m, 1):
@@ -83,12 +101,27 @@ def scaled_int_matmul(
         raise ValueError(
             f"scaled_int_matmul: bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}."
         )
+    if (a_zero is None) != (w_sum is None):
+        raise ValueError("scaled_int_matmul: a_zero and w_sum come together (asymmetric activations) or not at all.")
+    if a_zero is not None:
+        if a_zero.dtype != torch.int32 or a_zero.shape != (m, 1):
+            raise ValueError(
+                f"scaled_int_matmul: a_zero must be int32 ({m}, 1), got {a_zero.dtype} {tuple(a_zero.shape)}."
+            )
+        if w_sum.dtype != torch.int32 or w_sum.shape != w_scale_shape:
+            raise ValueError(
+                f"scaled_int_matmul: w_sum must be int32 {w_scale_shape}, got {w_sum.dtype} {tuple(w_sum.shape)}."
+            )
+        if k > _MAX_K_ASYM:
+            raise ValueError(f"scaled_int_matmul: with a zero point K must be at most {_MAX_K_ASYM}, got {k}.")
 
     w_scale = w_scale.float().reshape(n, groups)
     size = group_size or k
     acc = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
     for g in range(groups):
         part = int_matmul(a_q[:, g * size : (g + 1) * size], w_q[:, g * size : (g + 1) * size])
+        if a_zero is not None:
+            part = part - a_zero * w_sum.reshape(n, groups)[:, g]
         acc += part.float() * w_scale[:, g]
     y = acc * a_scale.float()
     if bias is not None:
@@ -104,13 +137,19 @@ def _quantized_linear(
     group_size: int | None,
     bias: torch.Tensor | None,
     act_bits: int,
+    asymmetric: bool,
 ) -> torch.Tensor:
     if x.dim() == 0 or x.shape[-1] != w_q.shape[-1]:
         raise ValueError(
             f"{fn}: x must be [..., K] with K={w_q.shape[-1]} to match the weight, got shape {tuple(x.shape)}."
         )
-    a_q, a_scale = quantize_per_token(x.reshape(-1, x.shape[-1]), act_bits)
-    y = scaled_int_matmul(a_q, a_scale, w_q, w_scale, group_size, bias, out_dtype=x.dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    if asymmetric:
+        a_q, a_scale, a_zero = quantize_per_token_asym(rows, act_bits)
+        w_sum = code_sums(w_q, group_size)
+    else:
+        (a_q, a_scale), a_zero, w_sum = quantize_per_token(rows, act_bits), None, None
+    y = scaled_int_matmul(a_q, a_scale, w_q, w_scale, group_size, bias, x.dtype, a_zero, w_sum)
     return y.reshape(*x.shape[:-1], w_q.shape[0])
 
 
@@ -120,9 +159,11 @@ def w8a8_linear(
     w_scale: torch.Tensor,
     group_size: int | None = None,
     bias: torch.Tensor | None = None,
+    asymmetric: bool = False,
 ) -> torch.Tensor:
-    """y [..., N] = x [..., K] through int8 weights w_q [N, K], with x quantized to int8 per token."""
-    return _quantized_linear("w8a8_linear", x, w_q, w_scale, group_size, bias, act_bits=8)
+    """y [..., N] = x [..., K] through int8 weights w_q [N, K], with x quantized to int8 per token
+    (asymmetric: with a zero point per token)."""
+    return _quantized_linear("w8a8_linear", x, w_q, w_scale, group_size, bias, 8, asymmetric)
 
 
 def w4a8_linear(
@@ -133,15 +174,16 @@ def w4a8_linear(
     group_size: int | None = None,
     bias: torch.Tensor | None = None,
     act_bits: int = 8,
+    asymmetric: bool = False,
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] through int4 weights packed as uint8 [N, K // 2] by pack_int4.
 
-    x is quantized per token to act_bits (8, or 4 for W4A4).
+    x is quantized per token to act_bits (8, or 4 for W4A4), with a zero point when asymmetric.
     """
     if act_bits not in (4, 8):
         raise ValueError(f"w4a8_linear: act_bits must be 4 or 8, got {act_bits}.")
     w_q = unpack_int4(packed_w, k)
-    return _quantized_linear("w4a8_linear", x, w_q, w_scale, group_size, bias, act_bits)
+    return _quantized_linear("w4a8_linear", x, w_q, w_scale, group_size, bias, act_bits, asymmetric)
 
 
 def w4a4_linear(
@@ -151,6 +193,7 @@ def w4a4_linear(
     k: int,
     group_size: int | None = None,
     bias: torch.Tensor | None = None,
+    asymmetric: bool = False,
 ) -> torch.Tensor:
-    """w4a8_linear with x quantized to int4 (-7..7) per token."""
-    return w4a8_linear(x, packed_w, w_scale, k, group_size, bias, act_bits=4)
+    """w4a8_linear with x quantized to int4 per token (-7..7, or 16 levels with a zero point)."""
+    return w4a8_linear(x, packed_w, w_scale, k, group_size, bias, act_bits=4, asymmetric=asymmetric)
