@@ -17,6 +17,22 @@ _MAX_K = 2**17 - 1
 _MAX_K_ASYM = 2**16 - 1
 
 
+def check_zero_point(
+    fn: str, a_zero: torch.Tensor | None, w_sum: torch.Tensor | None, m: int, w_scale_shape: tuple, k: int
+) -> None:
+    """A zero point's operands, as every asymmetric GEMM takes them: both or neither, int32, shaped."""
+    if (a_zero is None) != (w_sum is None):
+        raise ValueError(f"{fn}: a_zero and w_sum come together (asymmetric activations) or not at all.")
+    if a_zero is None:
+        return
+    if a_zero.dtype != torch.int32 or a_zero.shape != (m, 1):
+        raise ValueError(f"{fn}: a_zero must be int32 [{m}, 1], got {a_zero.dtype} {tuple(a_zero.shape)}.")
+    if w_sum.dtype != torch.int32 or w_sum.shape != tuple(w_scale_shape):
+        raise ValueError(f"{fn}: w_sum must be int32 {list(w_scale_shape)}, got {w_sum.dtype} {tuple(w_sum.shape)}.")
+    if k > _MAX_K_ASYM:
+        raise ValueError(f"{fn}: with a zero point K must be at most {_MAX_K_ASYM}, got {k}.")
+
+
 def code_sums(w_q: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
     """Sum of the weight codes w_q int8 [N, K] per output channel (int32 [N]) or per group along K
     (int32 [N, K // group_size]): what a zero point multiplies in an asymmetric GEMM."""
@@ -101,19 +117,7 @@ def scaled_int_matmul(
         raise ValueError(
             f"scaled_int_matmul: bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}."
         )
-    if (a_zero is None) != (w_sum is None):
-        raise ValueError("scaled_int_matmul: a_zero and w_sum come together (asymmetric activations) or not at all.")
-    if a_zero is not None:
-        if a_zero.dtype != torch.int32 or a_zero.shape != (m, 1):
-            raise ValueError(
-                f"scaled_int_matmul: a_zero must be int32 ({m}, 1), got {a_zero.dtype} {tuple(a_zero.shape)}."
-            )
-        if w_sum.dtype != torch.int32 or w_sum.shape != w_scale_shape:
-            raise ValueError(
-                f"scaled_int_matmul: w_sum must be int32 {w_scale_shape}, got {w_sum.dtype} {tuple(w_sum.shape)}."
-            )
-        if k > _MAX_K_ASYM:
-            raise ValueError(f"scaled_int_matmul: with a zero point K must be at most {_MAX_K_ASYM}, got {k}.")
+    check_zero_point("scaled_int_matmul", a_zero, w_sum, m, w_scale_shape, k)
 
     w_scale = w_scale.float().reshape(n, groups)
     size = group_size or k

@@ -20,9 +20,9 @@ group spans whole K blocks, and int8 MMAs consume K in steps of 32); K < 2**17 (
 import torch
 
 from ._triton import check_device, interpreted, tl, triton
+from .reference import check_zero_point
 
 _MAX_K = 2**17 - 1  # int32 holds K products of magnitude up to 2**14 only while K < 2**17
-_MAX_K_ASYM = 2**16 - 1  # with a zero point the products reach 255 * 128 (reference._MAX_K_ASYM)
 
 
 @triton.jit
@@ -350,19 +350,8 @@ def scaled_int_gemm(
         )
     if bias is not None and (not bias.is_floating_point() or bias.shape != (n,)):
         raise ValueError(f"scaled_int_gemm: bias must be float [{n}], got {bias.dtype} {tuple(bias.shape)}.")
-    if (a_zero is None) != (w_sum is None):
-        raise ValueError("scaled_int_gemm: a_zero and w_sum come together (asymmetric activations) or not at all.")
+    check_zero_point("scaled_int_gemm", a_zero, w_sum, m, w_scale_shape, k)
     if a_zero is not None:
-        if a_zero.dtype != torch.int32 or a_zero.shape != (m, 1):
-            raise ValueError(
-                f"scaled_int_gemm: a_zero must be int32 [{m}, 1], got {a_zero.dtype} {tuple(a_zero.shape)}."
-            )
-        if w_sum.dtype != torch.int32 or w_sum.shape != w_scale_shape:
-            raise ValueError(
-                f"scaled_int_gemm: w_sum must be int32 {list(w_scale_shape)}, got {w_sum.dtype} {tuple(w_sum.shape)}."
-            )
-        if k > _MAX_K_ASYM:
-            raise ValueError(f"scaled_int_gemm: with a zero point K must be at most {_MAX_K_ASYM}, got {k}.")
         a_zero = a_zero.reshape(m).contiguous()
         w_sum = w_sum.contiguous()
     if out is None:
