@@ -73,6 +73,13 @@ def test_resize_with_pad_matches_antialiased_bilinear():
     assert np.abs(out[56:168].astype(np.int32) - ref.astype(np.int32)).max() <= 1
 
 
+@pytest.mark.parametrize("shape", [(1, 300, 3), (300, 1, 3), (2, 1000, 3)])
+def test_resize_with_pad_extreme_aspect_ratio_keeps_a_one_pixel_line(shape):
+    # Past 64:1 at 224 (here 300:1 and 500:1) the scaled side used to truncate to 0 pixels.
+    out = resize_with_pad(np.full(shape, 200, dtype=np.uint8), 224, 224)
+    assert out.shape == (224, 224, 3) and (out == 200).any()
+
+
 def test_resize_with_pad_same_size_is_a_copy():
     img = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     out = resize_with_pad(img, 32, 48)
