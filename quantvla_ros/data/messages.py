@@ -44,10 +44,16 @@ class MessageError(ValueError):
         self.cause = cause
 
 
+def cut(text: str, limit: int) -> str:
+    """`text` in at most about `limit` characters, its middle left out: a sender's text goes into
+    messages and logs, never whole, and an error's closing advice survives."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit * 2 // 3]} ... {text[-(limit // 3) :]}"
+
+
 def shown(value: object, limit: int = 40) -> str:
-    """repr(value), cut to `limit` characters: a sender's text goes into messages, never whole."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+    return cut(repr(value), limit)
 
 
 def _bytes(data) -> np.ndarray:

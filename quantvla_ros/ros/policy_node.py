@@ -51,6 +51,7 @@ from quantvla_ros.data.messages import (
     MAX_PIXELS,
     MessageError,
     compressed_to_rgb,
+    cut,
     image_to_rgb,
     joint_positions,
     stamp_nanoseconds,
@@ -343,7 +344,7 @@ class PolicyNode(LifecycleNode):
     def _bad_input(self, key: str | None, error: MessageError) -> None:
         """Count a bad input under its cause and log the cause once; forget the message when it is
         one input's (`key`), so the next good one is used as usual."""
-        what, text = key or "observation", str(error)[:TEXT_LIMIT]
+        what, text = key or "observation", cut(str(error), TEXT_LIMIT)
         with self._lock:
             if key is not None:
                 self._latest[key] = None
@@ -448,7 +449,7 @@ class PolicyNode(LifecycleNode):
         """An inference that failed for a reason other than its input: an ERROR, logged once per kind."""
         kind = type(error).__name__
         with self._lock:
-            self._error = f"{kind}: {error}"[:TEXT_LIMIT]
+            self._error = cut(f"{kind}: {error}", TEXT_LIMIT)
             first = kind not in self._failed_types
             self._failed_types.add(kind)
         if first:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from node_fixtures import jpeg_claiming
 from PIL import Image as PILImage
 
 from quantvla_ros.data import messages
@@ -21,17 +22,6 @@ def raw(height=2, width=3, encoding="rgb8", step=None, data=None):
     step = width * channels if step is None else step
     data = bytes(range(256)) * (step * height // 256 + 1) if data is None else data
     return SimpleNamespace(height=height, width=width, encoding=encoding, step=step, data=data[: step * height])
-
-
-def jpeg_claiming(width: int, height: int, real: int = 8) -> bytes:
-    """A valid small JPEG whose frame header (SOF0) claims width x height."""
-    buf = io.BytesIO()
-    PILImage.fromarray(np.full((real, real, 3), 90, np.uint8)).save(buf, format="JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.find(b"\xff\xc0")
-    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
-    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
-    return bytes(data)
 
 
 def png(width: int, height: int) -> bytes:
