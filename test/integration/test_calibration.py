@@ -206,3 +206,34 @@ def test_missing_or_mistyped_topic_and_empty_bag_are_named(tmp_path):
         read_observations([empty], mapping, samples=4)
     with pytest.raises(BagError, match="does not exist"):
         read_observations([tmp_path / "nope"], mapping, samples=4)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("folder", "is an existing folder; give the path of a file"),
+        ("under_file", "which is a file; give a path inside a folder"),
+        ("artifact_file", "is an existing file; give the path of a folder"),
+        ("mapping", "camera_names ['top'] are not cameras of this policy"),
+    ],
+)
+def test_outputs_and_mapping_are_checked_before_any_bag_is_read(checkpoints, tmp_path, where, message):
+    (tmp_path / "calib.safetensors").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    calibration = {
+        "folder": {},
+        "under_file": {"buffer": str(tmp_path / "a_file" / "calib.safetensors")},
+        "artifact_file": {"buffer": str(tmp_path / "ok.safetensors"), "artifact": str(tmp_path / "a_file")},
+        "mapping": {"buffer": str(tmp_path / "ok.safetensors")},
+    }[where]
+    # The bag does not exist: a check made only after reading bags would name the bag instead.
+    files = params_files(tmp_path, checkpoints[(True, "openpi")], [tmp_path / "no_bag"], **calibration)
+    if where == "mapping":
+        policy_yaml = yaml.safe_load(files[0].read_text())
+        policy_yaml["/**"]["ros__parameters"].update(camera_names=["top"], camera_topics=["/t"], camera_types=["raw"])
+        files[0].write_text(yaml.safe_dump(policy_yaml))
+    exe = Path(sys.executable).parent / "calibration_node"
+    cmd = [str(exe), "--ros-args", *[a for f in files for a in ("--params-file", str(f))]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert main(["calibrate", *[a for f in files for a in ("--params-file", str(f))]]) == 2
