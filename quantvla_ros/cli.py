@@ -142,9 +142,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         atm=False if args.no_atm else None,
         ohb=False if args.no_ohb else None,
         static_activations=True if args.static_activations else None,
+        asymmetric_activations=None if args.activations is None else args.activations == "asymmetric",
         duquant_smoothing=False if args.no_duquant_smoothing else None,
         atm_clamp=args.atm_clamp,
         stat_pooling=args.stat_pooling,
+        atm_keys=args.atm_keys,
         clamp_log=args.clamp_log,
         sequential=True if args.atm_ohb_sequential else None,
         neutral_log=args.neutral_log,
@@ -247,6 +249,8 @@ ASSET_HELP = "openpi asset folder or GR00T embodiment tag whose statistics to us
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from quantvla_ros.quant.config import ATM_KEYS, STAT_POOLINGS
+
     parser = argparse.ArgumentParser(
         prog="quantvla",
         description="Quantized VLA policies for ROS 2.",
@@ -302,11 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--static-activations", action="store_true", help="static per-channel activation scales (p99.9) from --calib"
     )
     quantize.add_argument(
+        "--activations",
+        choices=("symmetric", "asymmetric"),
+        help="per-token activation codes: symmetric, or with a zero point (the paper's App. A)",
+    )
+    quantize.add_argument(
         "--no-duquant-smoothing", action="store_true", help="rotations and permutation only (the authors' code)"
     )
     quantize.add_argument("--atm-clamp", choices=("log", "linear"), help="log ±0.3 (paper) or [0.7, 1.4] (code)")
     quantize.add_argument(
-        "--stat-pooling", choices=("pooled", "per_call"), help="pooled moments, or the code's per-call average"
+        "--stat-pooling",
+        choices=STAT_POOLINGS,
+        help="ATM/OHB statistic: pooled moments, the authors' per-call average, or the shift-free per-row std",
+    )
+    quantize.add_argument(
+        "--atm-keys", choices=ATM_KEYS, help="ATM logits over every key, or only the querying tokens' own"
     )
     quantize.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
     quantize.add_argument("--no-ohb", action="store_true", help="skip output head balancing")

@@ -27,6 +27,17 @@ than no transform on plain layers.
 
 Hadamard is also 4·b times smaller to store: 2 bytes per input channel for both rotations
 against 512 for dense b = 64 blocks, which would add 50% to an int4 layer with 2048 outputs.
+
+Two things of the authors' DuQuant (reference/quantvla-paper.md §1) are not here, on purpose:
+- The output-side "restore" rotation: their code also rotates each weight's output rows by a
+  per-block basis before quantizing and undoes it after the GEMM (y · R_out). Here every output
+  channel has its own scale (or group scales), which already adapts to each row's range, and
+  the restore would cost a b × b rotation of every layer's output at run time, outside the
+  integer GEMM and its epilogue. Not offered as an option: it needs an output transform in
+  QuantLinear and in every kernel.
+- The "per-channel smoothing coefficient 0.15" of the paper's App. D: in their code it blends the
+  weight energy that orders the zigzag permutation, (1 − 0.15)·e + 0.15·mean(e). That map is
+  increasing in e, so it cannot change the order, and the permutation is the same without it.
 """
 
 from __future__ import annotations

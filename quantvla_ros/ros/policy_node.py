@@ -9,7 +9,8 @@ right away; a lifecycle manager sets it false and drives the transitions.
 Subscription callbacks only store the newest message. A timer at `inference_rate` takes a
 snapshot of the inputs and, if the first camera has a new frame since the last inference and every
 required input is present and younger than `max_input_age` (on the node's clock, so sim time
-works), hands it to a single worker thread that converts it, runs `Policy.predict` and
+works), hands it to a single worker thread that converts it, runs `Policy.prepare` (its errors
+are the observation's: counted and dropped) and `Policy.act`, and
 publishes a `trajectory_msgs/JointTrajectory`: one point per action step, `time_from_start =
 (k+1)·dt`, `header.stamp` = the time of the observation used. The age is checked again when
 the chunk is ready: a chunk from an observation that has grown older than `max_input_age`
@@ -106,16 +107,6 @@ class Stored:
     received: Time  # node clock (sim time when use_sim_time), for input ages
     arrived: float  # perf_counter, for the node's own overhead
     used: bool = False
-
-
-def raised_in(error: BaseException, function) -> bool:
-    """Whether `function` was running when `error` was raised (its frame is on the traceback)."""
-    tb = error.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is function.__code__:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 class PolicyNode(LifecycleNode):
@@ -401,14 +392,13 @@ class PolicyNode(LifecycleNode):
             noise = self.rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
             start = time.perf_counter()
             try:
-                chunk = self.policy.predict(obs, noise)
+                inputs = self.policy.prepare(obs)
             except ValueError as e:
-                # Policy.prepare checks the observation (image shapes, prompt length, state): its
-                # errors are the input's; any other is the node's or the model's and stays an error.
-                if not raised_in(e, type(self.policy).prepare):
-                    raise
+                # prepare checks the observation (image shapes, prompt length, state): its errors are
+                # the input's; an error of the model itself (act) stays an inference failure.
                 self._bad_input(None, MessageError("observation", f"the policy refused the observation: {e}"))
                 return
+            chunk = self.policy.act(inputs, noise)
             latency = time.perf_counter() - start
             if not np.isfinite(chunk.actions).all():
                 with self._lock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -170,8 +169,13 @@ def test_calibration_node_runs_like_launch_starts_it(checkpoints, bags, tmp_path
     cmd = [str(exe), "--ros-args", *[a for f in files for a in ("--params-file", str(f))]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    manifest = load_buffer(tmp_path / "calib.safetensors").manifest
-    assert manifest["samples"] == 8 and json.dumps(manifest)
+    buffer = load_buffer(tmp_path / "calib.safetensors")
+    manifest = buffer.manifest
+    assert manifest["samples"] == len(buffer) == 8
+    assert [s["bag"] for s in manifest["sources"]] == [b.name for b in bags[:2]]
+    assert manifest["topics"]["cameras"]["/cam/base/image_raw"] == "base_0_rgb"
+    # Prepared exactly as the policy node would prepare these observations for this checkpoint.
+    buffer.check_matches(load_policy(checkpoints[(True, "openpi")]))
 
 
 def test_corrupt_bag_is_named_and_leaves_nothing_behind(checkpoints, bags, tmp_path):
