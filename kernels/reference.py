@@ -5,6 +5,8 @@ symmetrically, or asymmetrically with a zero point per token (then each group's 
 corrected by the zero point times the weight codes' sum over that group, precomputed offline).
 """
 
+import functools
+
 import torch
 
 from .packing import unpack_int4
@@ -12,6 +14,9 @@ from .quantize import quantize_per_token, quantize_per_token_asym
 
 # int32 accumulation holds K products of magnitude up to 128 * 128 = 2**14 only while K < 2**17.
 _MAX_K = 2**17 - 1
+# K products of int8 codes (each at most 128 * 128 = 2**14 in magnitude) sum exactly in float32
+# while K * 2**14 <= 2**24.
+_FP32_EXACT_K = 1024
 # With a zero point, a product (q - zero) * w reaches 255 * 128: the corrected sum fits int32 while
 # K < 2**31 / (255 * 128), i.e. K <= 65792 (int32 wraps in between but the true value fits).
 _MAX_K_ASYM = 2**16 - 1
@@ -70,8 +75,13 @@ def int_matmul(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
         # The transpose of a contiguous [N, K] weight is the column-major B that cuBLAS runs
         # about 7x faster than a row-major one (reference/kernels-anchors.md).
         return torch._int_mm(a_q.contiguous(), w_q.contiguous().t())
-    # float64 is exact here: every partial sum, in any order, is an integer below 2**31 < 2**53.
-    return (a_q.double() @ w_q.double().t()).to(torch.int32)
+    # float32 GEMMs on the codes, over slices of K in which every partial sum, in any order, is an
+    # integer of magnitude at most 2**24 and so exact; the slices add in int32.
+    parts = [
+        (a_q[:, k0 : k0 + _FP32_EXACT_K].float() @ w_q[:, k0 : k0 + _FP32_EXACT_K].float().t()).to(torch.int32)
+        for k0 in range(0, k, _FP32_EXACT_K)
+    ]
+    return functools.reduce(torch.add, parts) if parts else torch.zeros(m, n, dtype=torch.int32, device=a_q.device)
 
 
 def scaled_int_matmul(
@@ -121,12 +131,14 @@ def scaled_int_matmul(
 
     w_scale = w_scale.float().reshape(n, groups)
     size = group_size or k
-    acc = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
+    acc = None
     for g in range(groups):
         part = int_matmul(a_q[:, g * size : (g + 1) * size], w_q[:, g * size : (g + 1) * size])
         if a_zero is not None:
             part = part - a_zero * w_sum.reshape(n, groups)[:, g]
-        acc += part.float() * w_scale[:, g]
+        term = part.float() * w_scale[:, g]
+        # Group sums in order from the first; adding to a zero first would change only its sign.
+        acc = term if acc is None else acc + term
     y = acc * a_scale.float()
     if bias is not None:
         y = y + bias.float()

@@ -1,9 +1,11 @@
 """A DuQuant-style input transform fused with per-token activation quantization, in one Triton launch.
 
 x -> x / smooth -> block Hadamard with signs (R1) -> channel permutation -> block Hadamard with
-signs (R2) -> quantize rows, any subset of the steps, bit-identical to the torch reference
-(quantvla_ros.quant.transforms.InputTransform.apply on float32 x, then quantize_per_token,
-quantize_per_token_asym or quantize_per_channel): the same float32 operations in the same order. Dense rotation blocks
+signs (R2) -> quantize rows, any subset of the steps: the transform of
+quantvla_ros.quant.transforms.InputTransform.apply on float32 x, then quantize_per_token,
+quantize_per_token_asym or quantize_per_channel. Each Hadamard block runs as log2 b butterflies
+(u + v, u - v), where the torch transform does one b × b product: the two agree to float32
+rounding, and this kernel is bit-identical to the butterflies written in torch (the tests'). Dense rotation blocks
 (the "svd" option) are not fused; their owners keep the torch transform.
 
 One program per row, three sweeps over it in chunks of whole rotation blocks:
@@ -44,8 +46,7 @@ _MIN_COMBINE = tl.standard._elementwise_min
 @triton.jit
 def _butterfly(t, CB: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
     # Sylvester's H_2h = [[H_h, H_h], [H_h, -H_h]]: the halves u, v of each 2h run of a block become
-    # u + v and u - v, the same float32 adds as quantvla_ros.quant.transforms._hadamard_rotate.
-    # A ±1 Hadamard matmul would sum in another order and round differently.
+    # u + v and u - v: b log2 b adds, where a b × b product takes b² multiply-adds.
     u, v = tl.split(tl.permute(tl.reshape(t, (CB, B // (2 * H), 2, H)), (0, 1, 3, 2)))
     return tl.reshape(tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2)), (CB, B))
 

@@ -197,12 +197,15 @@ class QuantLinear(nn.Module):
 
     @property
     def transform(self) -> InputTransform | None:
-        # Rebuilt from the buffers on each call, so it follows them across .to(device) and load_state_dict;
-        # that only wraps the buffers and checks their shapes (Hadamard rotations are applied from their
-        # signs, no b × b matrix is built), so it costs nothing next to the GEMM.
+        # Built around the buffers and kept while they are the same tensors; .to(device) and loading a
+        # state dict with assign=True replace them, and then it is built again around the new ones.
         if self.transform_kind is None:
             return None
-        return InputTransform.from_tensors({n: getattr(self, f"input_{n}") for n in self.transform_kind.split("+")})
+        tensors = {n: getattr(self, f"input_{n}") for n in self.transform_kind.split("+")}
+        built = self.__dict__.get("_transform")
+        if built is None or any(getattr(built, n) is not t for n, t in tensors.items()):
+            built = self.__dict__["_transform"] = InputTransform.from_tensors(tensors)
+        return built
 
     def weight_codes(self) -> torch.Tensor:
         """The int8 codes [N, K] (unpacked for int4)."""

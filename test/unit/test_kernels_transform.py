@@ -1,10 +1,12 @@
 """The fused input transform + activation quantization kernel, run by Triton's CPU interpreter.
 
-The reference is QuantLinear's unfused path: InputTransform.apply on float32 x, then
-quantize_per_token (or quantize_per_channel with static scales). Codes and scales must be
-bit-identical, since the kernel does the reference's float32 operations in the reference's order.
-Every output is poisoned first, so an element the kernel fails to write cannot pass. The
-interpreter runs one program (row) at a time, so most cases use few rows.
+The kernel rotates each Hadamard block with log2 b butterflies (u + v, u - v); the torch transform
+(InputTransform.apply) with one b × b product, which agrees to float32 rounding. So the kernel is
+checked bit for bit against the same steps written out here with butterflies in torch, then
+quantize_per_token / quantize_per_token_asym / quantize_per_channel; and the butterflies against
+InputTransform.apply to float32 rounding. Every output is poisoned first, so an element the kernel
+fails to write cannot pass. The interpreter runs one program (row) at a time, so most cases use
+few rows.
 """
 
 import os
@@ -14,6 +16,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -70,11 +73,43 @@ def _steps(k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
+def _butterflies(t: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """t [M, K] @ blockdiag(diag(signs) H_b / √b) in the kernel's float32 operations and order."""
+    m, k = t.shape
+    nb, b = signs.shape
+    t = t.reshape(m, nb, b) * signs
+    h = 1
+    while h < b:
+        pairs = t.view(m, nb, b // (2 * h), 2, h)
+        u, v = pairs[..., 0, :], pairs[..., 1, :]
+        t = torch.stack((u + v, u - v), dim=-2).reshape(m, nb, b)
+        h *= 2
+    return (t * (1 / math.sqrt(b))).reshape(m, k)
+
+
+def _transformed(x: torch.Tensor, steps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The kernel's transform of x, step by step in torch; InputTransform.apply to float32 rounding."""
+    t = x.float()
+    for name in STEPS:
+        if name not in steps:
+            continue
+        if name == "smooth":
+            t = t / steps[name]
+        elif name == "perm":
+            t = t[:, steps[name]]
+        else:
+            t = _butterflies(t, steps[name])
+    if steps:
+        reference = InputTransform(**steps).apply(x.float())
+        torch.testing.assert_close(t, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+    return t
+
+
 def _check(x: torch.Tensor, bits: int, steps: dict[str, torch.Tensor], gen: torch.Generator) -> None:
     """Per token (symmetric, with a zero point) and with static scales: the kernel's codes, scales
     and zero points against the torch reference."""
     m, k = x.shape
-    t = InputTransform(**steps).apply(x.float()) if steps else x.float()
+    t = _transformed(x, steps)
     args = [steps.get(name) for name in STEPS]
     out = _poisoned(m, k)
     q, scale, zero = tt.transform_quantize_rows(x, bits, *args, out=out)
@@ -195,9 +230,10 @@ def test_quant_linear_fused_path_equals_the_unfused_triton_path(triton_path, w_b
     layer = _duquant_layer(128, 40, w_bits, a_bits, **kwargs)
     assert layer.transform_kind == "smooth+rotation1_signs+perm+rotation2_signs"
     x = _input(6, 128, dtype, _gen(w_bits + len(kwargs))).reshape(2, 3, 128)
+    steps = {name: getattr(layer, f"input_{name}") for name in STEPS}
     with torch.no_grad():
         fused = layer(x)
-        unfused = dispatch._triton_matmul(layer.transform.apply(x.reshape(6, 128).float()), layer, dtype)
+        unfused = dispatch._triton_matmul(_transformed(x.reshape(6, 128), steps), layer, dtype)
     assert triton_path == [1]
     assert fused.shape == (2, 3, 40) and fused.dtype == dtype
     assert torch.equal(fused.reshape(6, 40), unfused)
