@@ -116,7 +116,8 @@ def cmd_layout(args: argparse.Namespace) -> None:
     for row in report["modules"]:
         print(f"{row['name']:<72} {row['out_features']:>6}x{row['in_features']:<6} {row['quantized_bytes']:>12,} B")
     print(
-        f"{report['layout']}: {len(report['modules'])} of {report['linear_layers']} Linear layers quantized to "
+        f"{report['layout']}: {report['quantized_linears']} of {report['linear_layers']} Linear layers quantized, "
+        f"as {len(report['modules'])} layers (q/k/v and gate/up fused), to "
         f"W{args.w_bits}{'' if args.group_size is None else f' g{args.group_size}'}; their weights "
         f"{_size(report['bf16_bytes'])} bf16 -> {_size(report['quantized_bytes'])} ({report['ratio']:.3f}x); "
         f"whole model {_size(report['model_bf16_bytes'])} -> {_size(report['model_quantized_bytes'])}"

@@ -41,6 +41,17 @@ def mlp_linears(layers: str) -> str:
     return rf"{re.escape(layers)}\.\d+\.mlp\.(gate|up|down)_proj"
 
 
+def decoder_fusions(layers: str, depth: int, attention: bool = True) -> list[tuple[str, ...]]:
+    """Per layer of a decoder stack, q/k/v (unless attention=False) and gate/up: the Linears that
+    read one input and that the layer projects together (models/common/projection.py)."""
+    groups = []
+    for i in range(depth):
+        if attention:
+            groups.append(tuple(f"{layers}.{i}.self_attn.{p}_proj" for p in "qkv"))
+        groups.append((f"{layers}.{i}.mlp.gate_proj", f"{layers}.{i}.mlp.up_proj"))
+    return groups
+
+
 def decoder_linears(layers: str) -> str:
     """Every Linear of a Gemma / Llama / Qwen decoder stack: the "llm" group of each family."""
     return f"{attention_linears(layers)}|{mlp_linears(layers)}"

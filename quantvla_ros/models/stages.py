@@ -128,7 +128,7 @@ class StagedModel(nn.Module, metaclass=ABCMeta):
 
     A family sets FAMILY and LINEAR_GROUPS (see models/family.py) and implements workspace(),
     embed(), prefix(), timesteps(), time_constants(), denoise(), attention_sites(),
-    parameter_dtype() and component_parameters().
+    linear_fusions(), parameter_dtype() and component_parameters().
     """
 
     FAMILY: ClassVar[str]
@@ -161,6 +161,11 @@ class StagedModel(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def vocab_size(self) -> int:
         """Rows of the prompt's token embedding."""
+
+    @abstractmethod
+    def linear_fusions(self) -> list[tuple[str, ...]]:
+        """Groups of Linear names that read one input and that the model projects together through
+        models/common/projection.project: what quantization may run as one GEMM."""
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random inputs at this model's real shapes (every camera, a full prompt) on its device,

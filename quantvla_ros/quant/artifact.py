@@ -34,9 +34,13 @@ from quantvla_ros.models.registry import family_of, load_model
 from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.api import QuantRecord
 from quantvla_ros.quant.convert import set_module
+from quantvla_ros.quant.fused import QuantLinearPart, member_names
 from quantvla_ros.quant.linear import QuantLinear
 
-ARTIFACT_FORMAT = "quantvla-artifact/1"
+# /2 added fused layers (a QuantLinear with split_sizes under "parent.a+b+c"); /1 artifacts have
+# none and load as they are.
+ARTIFACT_FORMAT = "quantvla-artifact/2"
+READABLE_FORMATS = ("quantvla-artifact/1", ARTIFACT_FORMAT)
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS = "model.safetensors"
 
@@ -127,8 +131,11 @@ def read_quant_config(path: Path) -> dict:
         cfg = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file} is unreadable ({e}); re-run `quantvla quantize`.") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != ARTIFACT_FORMAT:
-        raise CheckpointError(f"{file} is not a {ARTIFACT_FORMAT} quant config; re-run `quantvla quantize`.")
+    if not isinstance(cfg, dict) or cfg.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{file} is not a quant config this version reads ({', '.join(READABLE_FORMATS)}); "
+            "re-run `quantvla quantize` with this version."
+        )
     return cfg
 
 
@@ -153,7 +160,11 @@ def load_artifact(
 
     def swap_in_quant_linears(model: StagedModel) -> None:
         for name, spec in modules.items():
-            set_module(model, name, QuantLinear.from_spec(spec))
+            layer = QuantLinear.from_spec(spec)
+            set_module(model, name, layer)
+            if layer.split_sizes is not None:
+                for index, member in enumerate(member_names(name)):
+                    set_module(model, member, QuantLinearPart(layer, index))
 
     asset_id = quant_config.get("source_checkpoint", {}).get("asset_id")
     model, info, family = load_model(path, device, dtype, asset_id, adapt=swap_in_quant_linears)

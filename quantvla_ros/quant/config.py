@@ -47,6 +47,8 @@ class LinearConfig:
     act_percentile: float = 99.9
     # Per-token activations with a zero point (the paper's App. A), or symmetric (activations.py).
     asymmetric_activations: bool = False
+    # Linears that read one input (q/k/v, gate/up) as one layer: one transform, one GEMM (fused.py).
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
 from quantvla_ros.models.policy import CalibrationSource, Policy
+from quantvla_ros.quant.fused import member_names
 from quantvla_ros.quant.statistics import sample_noise
 
 
@@ -51,7 +52,10 @@ def fidelity(
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict:
-    """Both policies on every observation of `source` (prepared for `reference`), with the same noise."""
+    """Both policies on every observation of `source` (prepared for `reference`), with the same noise.
+
+    quantized: the candidate's quantized layers (an artifact's modules); a fused one is compared
+    member by member, against the reference's own Linears of those names."""
     cfg = reference.model.cfg
     noise = sample_noise(len(source), cfg.action_horizon, cfg.action_dim, seed)
     sqnr = LayerSQNR()
@@ -60,11 +64,12 @@ def fidelity(
         twin = candidate.model.get_submodule(name)
 
         def compare(_module, args, out):
-            sqnr.add(name, out, twin(args[0].to(next(twin.buffers()).device)).to(out.device))
+            sqnr.add(name, out, twin(args[0].to(candidate.device)).to(out.device))
 
         return compare
 
-    hooks = [reference.model.get_submodule(n).register_forward_hook(hook(n)) for n in quantized]
+    linears = [member for name in quantized for member in member_names(name)]
+    hooks = [reference.model.get_submodule(n).register_forward_hook(hook(n)) for n in linears]
     dims = reference.action_dim
     err = ref_power = 0.0
     cosines: list[float] = []

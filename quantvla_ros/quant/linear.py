@@ -51,12 +51,19 @@ class QuantLinear(nn.Module):
         transform: InputTransform | None = None,
         input_scale: torch.Tensor | None = None,
         weight_sum: torch.Tensor | None = None,
+        split_sizes: Sequence[int] | None = None,
     ) -> None:
-        """weight_sum: the codes' sums (code_sums) when activations carry a zero point, else None."""
+        """weight_sum: the codes' sums (code_sums) when activations carry a zero point, else None.
+        split_sizes: the rows of each linear this one computes together (quant/fused.py), else None."""
         super().__init__()
         self.act = _check_config(
             "QuantLinear", in_features, w_bits, a_bits, group_size, transform, input_scale, weight_sum is not None
         )
+        if split_sizes is not None and (sum(split_sizes) != out_features or min(split_sizes) < 1):
+            raise ValueError(
+                f"QuantLinear: split_sizes {list(split_sizes)} must be positive and add up to {out_features}."
+            )
+        self.split_sizes = None if split_sizes is None else tuple(int(n) for n in split_sizes)
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
         self.transform_kind = None if transform is None else transform.kind
@@ -81,12 +88,14 @@ class QuantLinear(nn.Module):
         input_scale: torch.Tensor | None = None,
         clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
         asymmetric: bool = False,
+        split_sizes: Sequence[int] | None = None,
     ) -> QuantLinear:
         """Quantize linear's weight (folded through transform) and keep no float copy of it.
 
         input_scale [K] switches on static activation scales (activations.percentile_channel_scales
         of the *transformed* calibration inputs); it is folded into the weight columns here.
         asymmetric: quantize activations per token with a zero point (the codes' sums are kept).
+        split_sizes: linear's rows are those of several linears computed together (quant/fused.py).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_float: expected an nn.Linear, got {type(linear).__name__}.")
@@ -114,6 +123,7 @@ class QuantLinear(nn.Module):
             transform=transform,
             input_scale=input_scale,
             weight_sum=code_sums(qw.q, group_size) if asymmetric else None,
+            split_sizes=split_sizes,
         )
 
     @classmethod
@@ -131,6 +141,7 @@ class QuantLinear(nn.Module):
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         asymmetric_activations: bool = False,
+        split_sizes: Sequence[int] | None = None,
     ) -> QuantLinear:
         """A layer with zero buffers of the right shapes (any device, meta included) to load a state_dict into.
 
@@ -160,6 +171,7 @@ class QuantLinear(nn.Module):
             transform=transform,
             input_scale=input_scale,
             weight_sum=weight_sum,
+            split_sizes=split_sizes,
         )
 
     def spec(self) -> dict:
@@ -178,6 +190,7 @@ class QuantLinear(nn.Module):
             "static_input": self.act.static,
             "bias_dtype": None if self.bias is None else str(self.bias.dtype).removeprefix("torch."),
             "asymmetric_activations": self.act.asymmetric,
+            "split_sizes": None if self.split_sizes is None else list(self.split_sizes),
         }
 
     @classmethod
@@ -281,6 +294,8 @@ class QuantLinear(nn.Module):
             parts.append("static_input=True")
         if self.act.asymmetric:
             parts.append("asymmetric_activations=True")
+        if self.split_sizes is not None:
+            parts.append(f"split_sizes={list(self.split_sizes)}")
         return ", ".join(parts)
 
 

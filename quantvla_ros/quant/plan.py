@@ -1,10 +1,15 @@
-"""Phase 2 of quantize_: decide each selected Linear's input transform and static activation scales.
+"""Phase 2 of quantize_: decide which layers the selected Linears become, and each one's input
+transform and static activation scales.
 
-Nothing is quantized here: a plan is what `convert.convert_layers` needs to build each QuantLinear.
+The Linears of a fusion group (StagedModel.linear_fusions: q/k/v, gate/up) that are all selected
+become one fused layer (quant/fused.py), planned from their concatenated weight and their shared
+input; every other selected Linear becomes a layer of its own. Nothing is quantized here: a plan
+is what `convert.convert_layers` needs to build each QuantLinear.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -13,14 +18,32 @@ from quantvla_ros.models.policy import CalibrationSource
 from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.activations import percentile_channel_scales
 from quantvla_ros.quant.config import LinearConfig
+from quantvla_ros.quant.fused import fused_name
 from quantvla_ros.quant.statistics import observe_inputs
 from quantvla_ros.quant.transforms import InputTransform, duquant, smoothquant
 
 
 @dataclass(frozen=True)
 class LayerPlan:
+    members: tuple[str, ...]  # the Linears it computes: one, or a fusion group in row order
     transform: InputTransform | None  # applied to the input at run time, folded into the weight
     input_scale: torch.Tensor | None  # static per-channel activation scales [K] of the transformed input
+
+
+def layer_groups(model: StagedModel, names: list[str], fuse: bool = True) -> dict[str, tuple[str, ...]]:
+    """Layer name -> the selected Linears it computes, in model order: a fused layer for each fusion
+    group whose members are all selected (when fuse), a layer of its own for every other Linear."""
+    selected = set(names)
+    group_of = {}
+    if fuse:
+        for members in model.linear_fusions():
+            if set(members) <= selected:
+                group_of.update(dict.fromkeys(members, members))
+    layers: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        members = group_of.get(name, (name,))
+        layers.setdefault(fused_name(members) if len(members) > 1 else name, members)
+    return layers
 
 
 def make_transform(
@@ -54,7 +77,8 @@ def collect_static_scales(
     seed: int,
     progress: bool,
 ) -> dict[str, torch.Tensor]:
-    """Static per-channel activation scales of the transformed inputs (running max of the percentile)."""
+    """Static per-channel activation scales of the transformed inputs of the named Linears (running max
+    of the percentile)."""
     scales: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -78,12 +102,27 @@ def plan_layers(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, LayerPlan]:
-    """Each named Linear's plan, from its weight and its calibrated input ranges (`absmax`, empty
-    when the transform needs none). Static activation scales take one more pass over `source`."""
-    transforms = {n: make_transform(config, model.get_submodule(n).weight, absmax.get(n), seed) for n in names}
+    """Each layer's plan (see layer_groups), from its weight and its calibrated input ranges
+    (`absmax` per Linear, empty when the transform needs none). Static activation scales take one
+    more pass over `source`."""
+    layers = layer_groups(model, names, config.fuse_projections)
+    transforms = {}
+    for name, members in layers.items():
+        linears = [model.get_submodule(m) for m in members]
+        weight = torch.cat([linear.weight for linear in linears])
+        # Members read one input; their ranges differ only if a model fed them different ones.
+        ranges = [absmax[m] for m in members if m in absmax]
+        transforms[name] = make_transform(
+            config, weight, functools.reduce(torch.maximum, ranges) if ranges else None, seed
+        )
     static = {}
     if config.static_activations:
         if source is None:
             raise ValueError("Static activation scales are calibrated from data; pass a calibration buffer.")
-        static = collect_static_scales(model, transforms, source, config, batch_size, seed, progress)
-    return {n: LayerPlan(transforms[n], static.get(n)) for n in names}
+        # A layer's input is its first member's.
+        observed = collect_static_scales(
+            model, {members[0]: transforms[name] for name, members in layers.items()}, source, config, batch_size, seed,
+            progress,
+        )  # fmt: skip
+        static = {name: observed.get(members[0]) for name, members in layers.items()}
+    return {name: LayerPlan(members, transforms[name], static.get(name)) for name, members in layers.items()}

@@ -17,6 +17,7 @@ from quantvla_ros.quant.api import quantize_
 from quantvla_ros.quant.artifact import load_artifact, save_artifact
 from quantvla_ros.quant.calibration import collect_expert_statistics
 from quantvla_ros.quant.config import method_config
+from quantvla_ros.quant.fused import member_names
 from quantvla_ros.quant.linear import QuantLinear
 
 from conftest import INSTRUCTIONS, observation
@@ -52,7 +53,8 @@ def test_artifact_reloads_to_identical_actions(float_path, buffer, tmp_path, met
     policy = load_policy(float_path)
     record = quantize_(policy.model, method_config(method), buffer, batch_size=4, progress=False)
     assert record.modules and all(isinstance(policy.model.get_submodule(n), QuantLinear) for n in record.modules)
-    assert set(record.modules) == set(method_config(method).layout.select(load_policy(float_path).model))
+    linears = {member for name in record.modules for member in member_names(name)}
+    assert linears == set(method_config(method).layout.select(load_policy(float_path).model))
     out = save_artifact(policy.model, policy.info, record, tmp_path / method, {"samples": len(buffer)})
     reloaded = load_policy(out)
     assert reloaded.quant_config["method"] == method
@@ -75,7 +77,11 @@ def test_quantvla_selects_its_layout_and_drops_float_weights(float_path, buffer)
     for name in record.modules:
         assert f"{name}.weight_packed" in state and f"{name}.weight" not in state
     depth = policy.model.cfg.llm.depth
-    assert len(record.modules) == depth * 7 + depth * 3
+    # Per LLM layer q/k/v fused, o, gate/up fused, down; per expert layer gate/up fused and down.
+    assert len(record.modules) == depth * 4 + depth * 2
+    for name in record.modules:
+        for member in member_names(name):
+            assert f"{member}.weight" not in state
     assert all(".mlp." in n for n in record.modules if "gemma_expert" in n)
     assert record.atm_ohb is not None and record.atm_ohb.alpha.shape == (depth, policy.model.cfg.expert.num_heads)
 
@@ -113,8 +119,26 @@ def test_corrupted_or_truncated_artifacts_refuse_to_load(float_path, buffer, tmp
         with pytest.raises(CheckpointError, match="does not match the SHA-256"):
             load_artifact(bad)
     (good / "quant_config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="is not a quantvla-artifact/1 quant config"):
+    with pytest.raises(CheckpointError, match="is not a quant config this version reads"):
         load_artifact(good)
+
+
+def test_an_artifact_of_the_first_format_without_fused_layers_still_loads(float_path, tmp_path):
+    policy = load_policy(float_path)
+    record = quantize_(policy.model, method_config("rtn", fuse_projections=False), None, progress=False)
+    assert not any("+" in name for name in record.modules)
+    out = save_artifact(policy.model, policy.info, record, tmp_path / "v1")
+    quant_config = json.loads((out / "quant_config.json").read_text())
+    for spec in quant_config["modules"].values():
+        del spec["split_sizes"], spec["asymmetric_activations"]  # keys the first format did not write
+    (out / "quant_config.json").write_text(json.dumps({**quant_config, "format": "quantvla-artifact/1"}))
+    eps = noise(policy)
+    np.testing.assert_array_equal(
+        load_policy(out).predict(observation(), eps).actions, policy.predict(observation(), eps).actions
+    )
+    (out / "quant_config.json").write_text(json.dumps({**quant_config, "format": "quantvla-artifact/9"}))
+    with pytest.raises(CheckpointError, match="re-run `quantvla quantize` with this version"):
+        load_artifact(out)
 
 
 def test_methods_that_calibrate_refuse_to_run_without_data(float_path):
@@ -157,11 +181,12 @@ def test_cli_quantize_layout_and_fidelity(float_path, buffer_file, tmp_path, cap
     assert all(name in summary for name in ("quantvla", "rtn", "duquant"))
     result = json.loads((report_dir / "quantvla.json").read_text())
     assert 0 <= result["action_relative_mse"] and -1 <= result["action_cosine"] <= 1
-    # Every quantized layer inference runs: all but the last LLM layer's o_proj and MLP, whose
-    # output nothing reads (the expert takes only that layer's K/V).
+    # Every quantized Linear inference runs, a fused layer member by member: all but the last LLM
+    # layer's o_proj and MLP, whose output nothing reads (the expert takes only that layer's K/V).
     last = "paligemma_with_expert.paligemma.model.language_model.layers.1."
     unread = {last + name for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    assert unread <= set(qc["modules"]) and set(result["layer_sqnr_db"]) == set(qc["modules"]) - unread
+    linears = {member for name in qc["modules"] for member in member_names(name)}
+    assert unread <= linears and set(result["layer_sqnr_db"]) == linears - unread
     assert (report_dir / "quantvla_layer_sqnr.png").stat().st_size > 1000
     assert (report_dir / "quantvla_atm_ohb.png").stat().st_size > 1000
     assert not (report_dir / "rtn_atm_ohb.png").exists()

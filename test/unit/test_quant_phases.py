@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from quantvla_ros.models.common.projection import project
 from quantvla_ros.models.pi0.config import tiny
 from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.models.policy import ModelInputs
@@ -22,7 +23,7 @@ from quantvla_ros.quant.config import ATMOHBConfig, LinearConfig, method_config
 from quantvla_ros.quant.convert import convert_layers
 from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.quant.linear import QuantLinear
-from quantvla_ros.quant.plan import LayerPlan, plan_layers
+from quantvla_ros.quant.plan import LayerPlan, layer_groups, plan_layers
 from quantvla_ros.quant.statistics import collect_input_absmax, sample_noise
 
 pytestmark = pytest.mark.unit
@@ -120,10 +121,52 @@ def test_plan_calibrates_static_scales_only_from_data(model):
     assert plan.input_scale.shape == (k,) and bool((plan.input_scale > 0).all())
 
 
+def test_layer_groups_fuse_a_group_only_when_every_member_is_selected(model):
+    qkv = tuple(f"{LLM}.0.self_attn.{p}_proj" for p in "qkv")
+    gate_up = (f"{LLM}.0.mlp.gate_proj", f"{LLM}.0.mlp.up_proj")
+    down = f"{LLM}.0.mlp.down_proj"
+    layers = layer_groups(model, [*qkv, f"{LLM}.0.self_attn.o_proj", *gate_up, down])
+    assert layers == {
+        f"{LLM}.0.self_attn.q_proj+k_proj+v_proj": qkv,
+        f"{LLM}.0.self_attn.o_proj": (f"{LLM}.0.self_attn.o_proj",),
+        f"{LLM}.0.mlp.gate_proj+up_proj": gate_up,
+        down: (down,),
+    }
+    # Without up_proj, gate_proj stands alone; fuse=False keeps every Linear apart.
+    assert layer_groups(model, [gate_up[0], down]) == {gate_up[0]: (gate_up[0],), down: (down,)}
+    assert layer_groups(model, list(qkv), fuse=False) == {n: (n,) for n in qkv}
+
+
+def test_a_fused_layer_computes_each_members_rows_as_that_member_quantized_alone(model):
+    qkv = tuple(f"{LLM}.0.self_attn.{p}_proj" for p in "qkv")
+    alone = {n: QuantLinear.from_float(model.get_submodule(n), w_bits=4, a_bits=8) for n in qkv}
+    config = LinearConfig(w_bits=4, a_bits=8, transform="none")
+    plans = plan_layers(model, list(qkv), config, {}, progress=False)
+    specs = convert_layers(model, plans, config, progress=False)
+    name = f"{LLM}.0.self_attn.q_proj+k_proj+v_proj"
+    fused = model.get_submodule(name)
+    assert list(specs) == [name] and specs[name]["split_sizes"] == [alone[n].out_features for n in qkv]
+    x = torch.randn(5, model.cfg.llm.width)
+    # Per-channel weight scales and per-token activation scales see the same rows and the same input.
+    for n, part in zip(qkv, project(x, *(model.get_submodule(n) for n in qkv)), strict=True):
+        assert torch.equal(part, alone[n](x)) and torch.equal(model.get_submodule(n)(x), part)
+    calls = []
+    fused.register_forward_hook(lambda *_: calls.append(1))
+    model.paligemma_with_expert.paligemma.model.language_model.layers[0].self_attn.project(x[None])
+    assert calls == [1]
+    # ATM's α folds into the q rows only.
+    before = fused(x)
+    model.get_submodule(qkv[0]).scale_output_rows(torch.full((alone[qkv[0]].out_features,), 2.0))
+    rows = alone[qkv[0]].out_features
+    torch.testing.assert_close(fused(x)[:, :rows], 2 * before[:, :rows])
+    assert torch.equal(fused(x)[:, rows:], before[:, rows:])
+
+
 def test_convert_swaps_only_the_planned_layers_and_returns_their_specs(model):
     planned, untouched = f"{LLM}.0.mlp.up_proj", f"{LLM}.0.mlp.gate_proj"
     float_out = model.get_submodule(planned)(torch.randn(3, model.cfg.llm.width))
-    specs = convert_layers(model, {planned: LayerPlan(None, None)}, LinearConfig(w_bits=8, a_bits=16), progress=False)
+    plans = {planned: LayerPlan((planned,), None, None)}
+    specs = convert_layers(model, plans, LinearConfig(w_bits=8, a_bits=16), progress=False)
     layer = model.get_submodule(planned)
     assert isinstance(layer, QuantLinear) and type(model.get_submodule(untouched)) is torch.nn.Linear
     assert specs == {planned: layer.spec()} and specs[planned]["w_bits"] == 8
@@ -157,7 +200,8 @@ def test_quantize_composes_the_phases_and_needs_data_only_when_its_config_does(m
     with pytest.raises(ValueError, match="calibrates from data; pass a non-empty calibration buffer"):
         quantize_(model, method_config("quantvla"), None, progress=False)
     record = quantize_(model, method_config("rtn", w_bits=8, a_bits=8), None, progress=False)
-    assert set(record.modules) == set(LAYOUTS["quantvla"].select(PI0Model(tiny(True))))
+    float_model = PI0Model(tiny(True))
+    assert record.modules.keys() == layer_groups(float_model, LAYOUTS["quantvla"].select(float_model)).keys()
     assert record.atm_ohb is None
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in record.modules)
 

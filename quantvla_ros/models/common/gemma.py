@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla_ros.models.common.projection import project
+
 
 @dataclass(frozen=True)
 class GemmaConfig:
@@ -79,10 +81,10 @@ class GemmaAttention(nn.Module):
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed h [B, T, width] -> q [B, H, T, d], k/v [B, Hkv, T, d], before RoPE."""
         b, t, _ = h.shape
-        q = self.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        q, k, v = project(h, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
 
 class GemmaMLP(nn.Module):
@@ -93,7 +95,8 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantvla_ros.models.common.projection import project
+
 
 class RMSNorm(nn.Module):
     """`w * x * rsqrt(mean(x²) + eps)` in fp32 (Llama scales by w, not by 1 + w as Gemma does)."""
@@ -31,4 +33,5 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(mlp_dim, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)

@@ -15,6 +15,7 @@ from torch import nn
 
 from quantvla_ros.models.common.attention import apply_rope, attention_bias, rope_cos_sin
 from quantvla_ros.models.common.llama import RMSNorm, SwiGLUMLP
+from quantvla_ros.models.common.projection import project
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,10 @@ class Qwen3Attention(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, _ = h.shape
         # The q/k norms act on each head's vector before RoPE, as in HF Qwen3.
-        q = self.q_norm(self.q_proj(h).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(h, self.q_proj, self.k_proj, self.v_proj)
+        q = self.q_norm(q.view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantvla_ros.models.common.attention import attention_bias
+from quantvla_ros.models.common.projection import project
 from quantvla_ros.models.common.qwen3 import Qwen3LanguageModel
 from quantvla_ros.models.common.siglip import SiglipVisionTower
-from quantvla_ros.models.family import AttentionSite
+from quantvla_ros.models.family import AttentionSite, decoder_fusions
 from quantvla_ros.models.groot.config import GR00TConfig, TransformerConfig
 from quantvla_ros.models.stages import (
     Schedule,
@@ -158,7 +159,8 @@ class Attention(nn.Module):
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
     def project_kv(self, context: torch.Tensor) -> KV:
-        return self.heads(self.to_k(context)), self.heads(self.to_v(context))
+        k, v = project(context, self.to_k, self.to_v)
+        return self.heads(k), self.heads(v)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads(self.to_q(x))
@@ -432,6 +434,17 @@ class GR00TN15Model(StagedModel):
             AttentionSite(f"{_DIT}.{i}.attn1.to_q", f"{_DIT}.{i}.attn1.to_out.0", d.num_heads, d.head_dim)
             for i in range(d.depth)
         ]
+
+    def linear_fusions(self) -> list[tuple[str, ...]]:
+        # Every attention's K and V read one input (the VL tokens in the DiT's cross blocks); its
+        # query reads another in cross-attention and is projected apart everywhere.
+        cfg = self.cfg
+        vl_blocks = "action_head.vl_self_attention.transformer_blocks"
+        kv = [(f"{_DIT}.{i}.attn1.to_k", f"{_DIT}.{i}.attn1.to_v") for i in range(cfg.dit.depth)]
+        kv += [
+            (f"{vl_blocks}.{i}.attn1.to_k", f"{vl_blocks}.{i}.attn1.to_v") for i in range(cfg.vl_self_attention.depth)
+        ]
+        return decoder_fusions(_LLM, cfg.llm.depth) + kv
 
     def component_parameters(self) -> dict[str, int]:
         """Parameter count per component (works on the meta device)."""

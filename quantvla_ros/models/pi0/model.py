@@ -30,7 +30,13 @@ from quantvla_ros.models.common.attention import apply_rope, attend, attention_b
 from quantvla_ros.models.common.embeddings import action_time_constant, action_time_tokens, sincos_time_embedding
 from quantvla_ros.models.common.gemma import GemmaModel
 from quantvla_ros.models.common.siglip import SiglipVisionTower
-from quantvla_ros.models.family import AttentionSite, attention_linears, decoder_linears, mlp_linears
+from quantvla_ros.models.family import (
+    AttentionSite,
+    attention_linears,
+    decoder_fusions,
+    decoder_linears,
+    mlp_linears,
+)
 from quantvla_ros.models.pi0.config import PI0Config
 from quantvla_ros.models.stages import (
     Schedule,
@@ -156,6 +162,10 @@ class PI0Model(StagedModel):
             AttentionSite(f"{_EXPERT}.{i}.self_attn.q_proj", f"{_EXPERT}.{i}.self_attn.o_proj", e.num_heads, e.head_dim)
             for i in range(e.depth)
         ]
+
+    def linear_fusions(self) -> list[tuple[str, ...]]:
+        cfg = self.cfg
+        return decoder_fusions(_LLM, cfg.llm.depth) + decoder_fusions(_EXPERT, cfg.expert.depth)
 
     @property
     def llm(self) -> GemmaModel:

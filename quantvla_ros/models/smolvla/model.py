@@ -28,8 +28,15 @@ from torch import nn
 from quantvla_ros.models.common.attention import apply_rope, attend, attention_bias, make_att_2d_masks, rope_cos_sin
 from quantvla_ros.models.common.embeddings import action_time_constant, action_time_tokens, sincos_time_embedding
 from quantvla_ros.models.common.llama import RMSNorm, SwiGLUMLP
+from quantvla_ros.models.common.projection import project
 from quantvla_ros.models.common.siglip import SiglipVisionTransformer
-from quantvla_ros.models.family import AttentionSite, attention_linears, decoder_linears, mlp_linears
+from quantvla_ros.models.family import (
+    AttentionSite,
+    attention_linears,
+    decoder_fusions,
+    decoder_linears,
+    mlp_linears,
+)
 from quantvla_ros.models.smolvla.config import SmolLMConfig, SmolVLAConfig
 from quantvla_ros.models.stages import (
     Schedule,
@@ -118,9 +125,9 @@ class SmolLMDecoderLayer(nn.Module):
         """Post-RoPE q [B, H, T, d] and k [B, Hkv, T, d], and v [B, Hkv, T, d], from hidden states."""
         attn = self.self_attn
         h = self.input_layernorm(x)
-        q = apply_rope(split_heads(attn.q_proj(h), attn.head_dim), cos, sin)
-        k = apply_rope(split_heads(attn.k_proj(h), attn.head_dim), cos, sin)
-        return q, k, split_heads(attn.v_proj(h), attn.head_dim)
+        q, k, v = project(h, attn.q_proj, attn.k_proj, attn.v_proj)
+        q = apply_rope(split_heads(q, attn.head_dim), cos, sin)
+        return q, apply_rope(split_heads(k, attn.head_dim), cos, sin), split_heads(v, attn.head_dim)
 
     def cross_key_value(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The expert's keys/values for a cross-attention layer: its k/v_proj applied to the VLM's
@@ -275,6 +282,17 @@ class SmolVLAModel(StagedModel):
             AttentionSite(f"{_EXPERT}.{i}.self_attn.q_proj", f"{_EXPERT}.{i}.self_attn.o_proj", e.num_heads, e.head_dim)
             for i in range(e.depth)
         ]
+
+    def linear_fusions(self) -> list[tuple[str, ...]]:
+        # A cross-attention layer's k/v_proj read the VLM's keys and values, not the queries' input.
+        cfg = self.cfg
+        expert = decoder_fusions(_EXPERT, cfg.expert.depth, attention=False)
+        expert += [
+            tuple(f"{_EXPERT}.{i}.self_attn.{p}_proj" for p in "qkv")
+            for i in range(cfg.expert.depth)
+            if not cfg.is_cross_layer(i)
+        ]
+        return decoder_fusions(_LLM, cfg.text.depth) + expert
 
     def component_parameters(self) -> dict[str, int]:
         """Parameter count per component (works on the meta device)."""
