@@ -4,8 +4,10 @@
 
 Per shape: cuBLAS bf16 (torch.matmul), torch._int_mm (int8, weights N x K passed as w.t()),
 fp8 row-wise torch._scaled_mm (where the card has fp8), and quantvla_kernels' Triton W8A8,
-W4A8 and W4A4 GEMMs on pre-quantized activations (split-K off, and on where the heuristic
-splits), plus each whole layer as QuantLinear runs it on CUDA (per-token quantization + GEMM).
+W4A8 and W4A4 GEMMs on pre-quantized activations (split-K off, and as the autotuner picks
+tiles with the split that suits them), plus each whole layer as QuantLinear runs it on CUDA
+(per-token quantization + GEMM). Shapes come unfused (k and v alone: 256 output columns) and
+fused (q/k/v, gate+up), as the models ran before and after fused projections.
 At one shape per distinct (M, K) of the π0.5 expert and prefix and the GR00T DiT, QuantVLA's input
 transform (DuQuant: smoothing, Hadamard rotation, permutation, rotation) with int8 quantization:
 torch steps + quantize_rows (the unfused path) against the fused Triton kernel.
@@ -15,27 +17,32 @@ flushed between runs, so weights come from HBM, but Python and launch overhead c
 do_bench_cudagraph (replayed from a CUDA graph, as a deployed expert loop would run: no launch
 overhead, L2 warm). Ceilings are measured in the same run: device-to-device copy bandwidth and
 8192³ bf16 / int8 GEMMs. Not a test: it needs a GPU and takes a few minutes, most of them
-autotuning.
+autotuning. --json is rewritten after every row, so a run cut short by a time limit keeps
+what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 
 import torch
+
+from quantvla_ros.atomic import write_json_atomic
 
 # name, M, K, N (reference/kernels.md): π0.5 prefix (Gemma 2B, ~968 tokens) and action expert
 # (horizon 50 + state, 56 rows); GR00T N1.5 DiT action head (56 rows) and its Qwen3-1.7B backbone.
 SHAPES = [
+    ("pi05 llm k", 968, 2048, 256),
     ("pi05 llm qkv", 968, 2048, 2560),
     ("pi05 llm o", 968, 2048, 2048),
     ("pi05 llm gate+up", 968, 2048, 32768),
     ("pi05 llm down", 968, 16384, 2048),
+    ("pi05 expert k", 56, 1024, 256),
     ("pi05 expert qkv", 56, 1024, 2560),
     ("pi05 expert o", 56, 2048, 1024),
     ("pi05 expert gate+up", 56, 1024, 8192),
@@ -101,6 +108,7 @@ class Layer:
         self.weight_packed = pack_int4(w_q) if w_bits == 4 else w_q
         self.weight_scale, self.w_bits, self.a_bits = w_scale, w_bits, a_bits
         self.in_features, self.group_size, self.bias, self.input_scale = w_q.shape[1], None, None, None
+        self.weight_sum = None  # symmetric activations
 
 
 def mismatch(what: str, got: torch.Tensor, ref: torch.Tensor) -> str | None:
@@ -113,46 +121,72 @@ def mismatch(what: str, got: torch.Tensor, ref: torch.Tensor) -> str | None:
     return f"{what}: {bad} of {ref.numel()} values differ by more than one bf16 step" if bad else None
 
 
+class Report:
+    """Rows as they are measured, each with its ratio to its shape's bf16 row, written after every row."""
+
+    def __init__(self, path: str | None, header: dict):
+        self.path, self.header = path, header
+        self.rows: list[dict] = []
+        self.failures: list[str] = []
+
+    def add(self, row: dict) -> None:
+        base = next((r for r in self.rows if r["shape"] == row["shape"] and r["method"] == "bf16 cuBLAS"), row)
+        row["vs_bf16"] = round(base["us"] / row["us"], 3)
+        both = None not in (row["us_graph"], base["us_graph"])
+        row["vs_bf16_graph"] = round(base["us_graph"] / row["us_graph"], 3) if both else None
+        self.rows.append(row)
+        self.write()
+
+    def fail(self, what: str) -> None:
+        self.failures.append(what)
+        self.write()
+
+    def write(self) -> None:
+        if self.path:
+            write_json_atomic(Path(self.path), {**self.header, "rows": self.rows, "failures": self.failures})
+
+
 class Shape:
     """One layer shape: inputs, quantized weights, and the rows of the table it contributes."""
 
-    def __init__(self, name: str, m: int, k: int, n: int, caps: dict, args: argparse.Namespace):
+    def __init__(self, name: str, m: int, k: int, n: int, caps: dict, args: argparse.Namespace, report: Report):
         self.name, self.m, self.k, self.n, self.caps, self.args = name, m, k, n, caps, args
         gen = torch.Generator(device="cuda").manual_seed(m * k + n)
         self.x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         self.w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k**-0.5
-        self.rows: list[dict] = []
-        self.failures: list[str] = []
+        self.report = report
 
-    def record(self, method: str, fn, w_bytes: float, a_bytes: float, int_ops: bool, problem: str | None = None):
+    def record(
+        self, method: str, fn, w_bytes: float, a_bytes: float, int_ops: bool, problem: str | None = None, **extra
+    ):
         """Time fn and add a row; a kernel that disagrees with the reference is timed but flagged."""
         us, us_graph = bench(fn, self.args), bench_graph(fn, self.args)
         m, k, n = self.m, self.k, self.n
         tops = 2 * m * k * n / us / 1e6
         tbps = (k * n * w_bytes + m * k * a_bytes + 2 * m * n) / us / 1e6
         peak = self.caps["int8_TOPs"] if int_ops else self.caps["bf16_TFLOPs"]
-        self.rows.append({
+        self.report.add({
             "shape": self.name, "M": m, "K": k, "N": n, "method": method, "us": round(us, 2),
             "us_graph": None if us_graph is None else round(us_graph, 2),
             "TOPs": round(tops, 1), "compute_frac": round(tops / peak, 3),
             "TBps": round(tbps, 3), "bandwidth_frac": round(tbps / self.caps["copy_TBps"], 3),
-            "check": problem or "ok",
+            "check": problem or "ok", **extra,
         })  # fmt: skip
         if problem:
-            self.failures.append(f"{self.name} {method}: {problem}")
+            self.report.fail(f"{self.name} {method}: {problem}")
 
     def record_pass(self, method: str, fn, problem: str | None = None):
         """Time fn, a pass over the activations only (no GEMM): bandwidth from bf16 in, int8 codes out."""
         us, us_graph = bench(fn, self.args), bench_graph(fn, self.args)
         tbps = self.m * self.k * 3 / us / 1e6
-        self.rows.append({
+        self.report.add({
             "shape": self.name, "M": self.m, "K": self.k, "N": None, "method": method, "us": round(us, 2),
             "us_graph": None if us_graph is None else round(us_graph, 2), "TOPs": None, "compute_frac": None,
             "TBps": round(tbps, 3), "bandwidth_frac": round(tbps / self.caps["copy_TBps"], 3),
             "check": problem or "ok",
         })  # fmt: skip
         if problem:
-            self.failures.append(f"{self.name} {method}: {problem}")
+            self.report.fail(f"{self.name} {method}: {problem}")
 
     def quantize_weight(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel round-to-nearest codes and scales (QuantLinear adds a clipping search)."""
@@ -192,37 +226,32 @@ class Shape:
         a_q, a_scale = quantize_per_token(self.x, a_bits)
         ref = scaled_int_matmul(a_q, a_scale, w_q, w_scale, None, None, torch.bfloat16)
         ref_acc = int_matmul(a_q, w_q)
-        got_q, got_scale = tq.quantize_rows(self.x, a_bits)
+        got_q, got_scale, _ = tq.quantize_rows(self.x, a_bits)
         quant_problem = mismatch("quantize_rows codes", got_q, a_q) or mismatch(
             "quantize_rows scales", got_scale, a_scale
         )
 
-        auto = tg.pick_split_k(self.m, self.n, self.k, None, self.x.device)
-        for split in sorted({1, auto}):
-            method = f"{label} triton" + (f" split-K {split}" if split > 1 else "")
-            problem = quant_problem
-            # The raw accumulator, repeatedly where split-K's cross-CTA reduction could race.
-            for _ in range(5 if split > 1 else 1):
-                acc = tg.int_gemm(a_q, layer.weight_packed, w_bits, split, config=CHECK_CONFIG)
-                problem = problem or mismatch("int32 accumulator", acc, ref_acc)
+        # The raw accumulator with split-K forced on, repeatedly: its cross-CTA reduction could race.
+        for _ in range(5):
+            acc = tg.int_gemm(a_q, layer.weight_packed, w_bits, 4, config=CHECK_CONFIG)
+            quant_problem = quant_problem or mismatch("int32 accumulator (split-K 4)", acc, ref_acc)
+        sms = torch.cuda.get_device_properties(self.x.device).multi_processor_count
+        # split_k None: the autotuner times each tile shape with the split split_k_for gives it.
+        for split_k in (1, None):
+            method = f"{label} triton" + (" split-K off" if split_k == 1 else "")
             gemm = partial(
-                tg.scaled_int_gemm,
-                a_q,
-                a_scale,
-                layer.weight_packed,
-                w_scale,
-                w_bits,
-                None,
-                None,
-                torch.bfloat16,
-                split,
-            )
+                tg.scaled_int_gemm, a_q, a_scale, layer.weight_packed, w_scale, w_bits, None, None, torch.bfloat16,
+                split_k,
+            )  # fmt: skip
             y = gemm()  # the first call autotunes
-            problem = problem or mismatch("output", y, ref)
-            self.record(method, gemm, w_bits / 8, 1, True, problem)
-            # Expected with per-channel scales: the epilogue rounds like the reference (no FMA).
-            self.rows[-1]["bit_identical"] = torch.equal(y, ref)
-            self.rows[-1]["config"] = str(tg._tuned.best_config)
+            problem = quant_problem or mismatch("output", y, ref)
+            tiles = tg._tuned.best_config.kwargs
+            used = split_k or tg.split_k_for(tg.m_bucket(self.m), self.n, self.k, 0, tiles["BM"], tiles["BN"], sms)
+            # bit_identical is expected with per-channel scales: the epilogue rounds like the reference (no FMA).
+            self.record(
+                method, gemm, w_bits / 8, 1, True, problem, bit_identical=torch.equal(y, ref),
+                config=str(tg._tuned.best_config), split_k=used,
+            )  # fmt: skip
 
         layer_fn = partial(quantized_matmul, self.x, layer, torch.bfloat16)
         problem = quant_problem or mismatch("quantized_matmul", layer_fn(), ref)
@@ -239,10 +268,10 @@ class Shape:
         ref_q, ref_scale = quantize_per_token(t.apply(self.x.float()), 8)
 
         def check(fn) -> str | None:
-            q, scale = fn()
+            q, scale, _ = fn()
             return mismatch("codes", q, ref_q) or mismatch("scales", scale, ref_scale)
 
-        def unfused() -> tuple[torch.Tensor, torch.Tensor]:
+        def unfused() -> tuple[torch.Tensor, torch.Tensor, None]:
             # As QuantLinear runs a layer on CUDA without fusion: float32 x, the torch transform, quantize_rows.
             return tq.quantize_rows(t.apply(self.x.float()), 8)
 
@@ -262,8 +291,8 @@ class Shape:
         try:
             fn()
         except Exception as e:  # one broken kernel must not cost the rest of a scarce GPU run
-            self.failures.append(f"{self.name} {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-            print(f"  {self.failures[-1]}")
+            self.report.fail(f"{self.name} {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"  {self.report.failures[-1]}")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -294,7 +323,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="write the figures, card and date to this file")
+    parser.add_argument("--json", help="write the figures, card and date to this file (after every row)")
     parser.add_argument("--shapes", help="comma-separated substrings of shape names to run (default: all)")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench timed repetitions, ms")
@@ -315,43 +344,25 @@ def main() -> None:
         f"ceilings: copy {caps['copy_TBps']:.2f} TB/s, bf16 {caps['bf16_TFLOPs']:.0f} TFLOP/s, "
         f"int8 _int_mm {caps['int8_TOPs']:.0f} TOP/s (8192³)"
     )
+    header = {
+        "card": card, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+        "triton": triton.__version__, "ceilings": caps,
+    }  # fmt: skip
+    report = Report(args.json, header)
     wanted = [s.strip() for s in args.shapes.split(",")] if args.shapes else None
-    rows, failures = [], []
     for name, m, k, n in SHAPES:
         if wanted and not any(w in name for w in wanted):
             continue
         t0 = time.time()
-        shape = Shape(name, m, k, n, caps, args)
-        shape.run()
-        rows += shape.rows
-        failures += shape.failures
+        Shape(name, m, k, n, caps, args, report).run()
         print(f"  {name} {m}x{k}x{n}: {time.time() - t0:.0f} s")
 
-    bf16 = {r["shape"]: r for r in rows if r["method"] == "bf16 cuBLAS"}
-    for r in rows:
-        base = bf16[r["shape"]]
-        r["vs_bf16"] = round(base["us"] / r["us"], 3)
-        r["vs_bf16_graph"] = (
-            None if None in (r["us_graph"], base["us_graph"]) else round(base["us_graph"] / r["us_graph"], 3)
-        )
-    print_table(rows)
+    print_table(report.rows)
     print(f"total {time.time() - start:.0f} s")
-
     if args.json:
-        result = {
-            "card": card,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "ceilings": caps,
-            "rows": rows,
-            "failures": failures,
-        }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
-    if failures:
-        sys.exit("bench/gemm.py: kernels that disagree with the reference or failed:\n" + "\n".join(failures))
+    if report.failures:
+        sys.exit("bench/gemm.py: kernels that disagree with the reference or failed:\n" + "\n".join(report.failures))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ sum of that group's weight codes), in int32, exactly as the reference.
 Split-K cuts K into SPLIT_K slices (grid axis 1) for small-M shapes whose output tiles alone
 cannot fill the GPU. Each slice writes its partial tile to a workspace; the last slice to finish
 a tile (counted with an atomic) sums the partials in slice order and runs the epilogue, so one
-launch does the whole GEMM and results do not depend on which slice finishes last.
+launch does the whole GEMM and results do not depend on which slice finishes last. The number
+of slices follows from the tiles of the config that runs (split_k_for), so the autotuner weighs
+each tile shape with the split that suits it.
+
+Autotuning is keyed on M's bucket (m_bucket), not on M: a prompt of a new length reuses the
+tuned config of its bucket instead of stopping inference for minutes of tuning.
 
 Requirements: K even for int4 weights; group_size a power of two >= 32 that divides K (one
 group spans whole K blocks, and int8 MMAs consume K in steps of 32); K < 2**17 (int32).
@@ -37,25 +42,27 @@ def _unpack_int4(packed):
 
 @triton.jit
 def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, M, N, stride_am, stride_wn, k_start, k_end,
-                 W4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
-    """Exact int32 sum over k in [k_start, k_end) of A[m, k] * W[n, k] for one [BM, BN] tile."""
+                 W4: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):  # fmt: skip
+    """Exact int32 sum over k in [k_start, k_end) of A[m, k] * W[n, k] for one [BM, BN] tile.
+
+    EVEN_K: every K block lies wholly inside [k_start, k_end), so loads need no K mask.
+    """
     acc = tl.full((BM, BN), 0, tl.int32)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[:, None] < N
     for k0 in range(k_start, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok & (offs_k[None, :] < k_end), other=0
-        )
+        a_mask = m_ok if EVEN_K else m_ok & (offs_k[None, :] < k_end)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=a_mask, other=0)
         if W4:
             # Byte j of a row holds k = 2j and 2j + 1; k_end is even, so no byte is split.
             offs_p = k0 // 2 + tl.arange(0, BK // 2)
-            p = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :],
-                        mask=n_ok & (offs_p[None, :] < k_end // 2), other=0)  # fmt: skip
-            w = _unpack_int4(p)
+            w_mask = n_ok if EVEN_K else n_ok & (offs_p[None, :] < k_end // 2)
+            w = _unpack_int4(tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_p[None, :], mask=w_mask, other=0))
         else:
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                        mask=n_ok & (offs_k[None, :] < k_end), other=0)  # fmt: skip
+            w_mask = n_ok if EVEN_K else n_ok & (offs_k[None, :] < k_end)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0)
         # out_dtype spelled out: Triton 3.6 defaults it to float32 even for int8 operands.
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
     return acc
@@ -89,13 +96,15 @@ def _epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zero_ptr, wsum_ptr
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-# M changes with the prompt, so it is not specialized on: one compiled kernel serves every M.
-@triton.jit(do_not_specialize=["M"])
+# M changes with the prompt, so it is not specialized on: one compiled kernel serves every M of a
+# bucket. M_BUCKET (m_bucket(M)) is read only by the autotuner's key and the split-K heuristic.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _gemm_kernel(
     a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zero_ptr, wsum_ptr, ws_ptr, lock_ptr,
-    M, N, K, stride_am, stride_wn, stride_cm, stride_sn, stride_ws,
+    M, N, K, M_BUCKET, stride_am, stride_wn, stride_cm, stride_sn, stride_ws,
     W4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, SPLIT_K: tl.constexpr,
-    ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ZERO: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Tiles run in column bands GROUP_M tiles tall, so neighbouring programs share W in L2.
     pid = tl.program_id(0)
@@ -116,12 +125,16 @@ def _gemm_kernel(
     k_start = pid_k * k_len
     k_end = min(K, k_start + k_len)
     if GROUP == 0:
-        part = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, M, N, stride_am, stride_wn, k_start, k_end, W4, BM, BN, BK)
+        part = _dot_k_range(
+            a_ptr, w_ptr, offs_m, offs_n, M, N, stride_am, stride_wn, k_start, k_end, W4, EVEN_K, BM, BN, BK
+        )
     else:
         # Group scales cannot enter an int32 sum: each group's exact sum is scaled in float32, in order.
         part = tl.full((BM, BN), 0, tl.float32)
         for g0 in range(k_start, k_end, GROUP):
-            acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, M, N, stride_am, stride_wn, g0, g0 + GROUP, W4, BM, BN, BK)
+            acc = _dot_k_range(
+                a_ptr, w_ptr, offs_m, offs_n, M, N, stride_am, stride_wn, g0, g0 + GROUP, W4, EVEN_K, BM, BN, BK
+            )
             if ZERO:
                 # w_sum [N, K / GROUP] has w_scale's layout: the group's column.
                 acc = acc - _zero_point_correction(zero_ptr, wsum_ptr + g0 // GROUP, offs_m, offs_n, M, N, stride_sn)
@@ -163,8 +176,40 @@ def _configs() -> list:
     ]
 
 
+def m_bucket(m: int) -> int:
+    """The M the autotuner and the split-K heuristic see: the next power of two, at least 16.
+
+    Tuned configs are kept per bucket, so every prompt length of a bucket runs the same compiled
+    kernel with the same split, and only a bucket never seen before is tuned.
+    """
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def split_k_for(m_bucket: int, n: int, k: int, group_size: int, bm: int, bn: int, sms: int) -> int:
+    """Slices of K for a GEMM run with [bm, bn] tiles on `sms` SMs: 1 unless its tiles leave most SMs idle.
+
+    A power of two, at most 16, with >= 512 of K (and >= one group) per slice so each slice still
+    runs a pipelined loop. Computed from the bucket, so every M of a bucket gets the same split.
+    """
+    tiles = triton.cdiv(m_bucket, bm) * triton.cdiv(n, bn)
+    split = min(sms // tiles, k // max(512, group_size), 16)
+    return 1 if split < 2 else 1 << (split.bit_length() - 1)
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _split_k(args: dict) -> int:
+    """SPLIT_K of a launch: the caller's, or split_k_for the tiles of the config that runs (0 asks for it)."""
+    if args["SPLIT_K"]:
+        return args["SPLIT_K"]
+    sms = _sms(args["a_ptr"].device)
+    return split_k_for(args["M_BUCKET"], args["N"], args["K"], args["GROUP"], args["BM"], args["BN"], sms)
+
+
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
-    m, group = named_args["M"], kwargs["GROUP"]
+    m, group = named_args["M_BUCKET"], kwargs["GROUP"]
     kept = {}
     for c in configs:
         bm, bk = c.kwargs["BM"], c.kwargs["BK"]
@@ -179,43 +224,42 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return list(kept.values())
 
 
+# The heuristics run after the autotuner has put a config's tiles into the arguments: the split
+# is chosen for the tiles that run, and the masks on K are dropped when K blocks divide K (with
+# groups, slices are whole groups and a group is whole K blocks, so they divide every slice too).
+_kernel = triton.heuristics({"SPLIT_K": _split_k, "EVEN_K": lambda args: args["K"] % args["BK"] == 0})(_gemm_kernel)
 # The autotuner times configs on the GPU, so the interpreter gets one small fixed config. Its
 # choices are kept on disk, so a policy's first inference after the first start (and every
 # benchmark after bench/gemm.py on the same machine) skips the minutes of tuning.
 _tuned = triton.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "W4", "GROUP", "RAW", "SPLIT_K", "ZERO"],
+    key=["M_BUCKET", "N", "K", "W4", "GROUP", "RAW", "SPLIT_K", "ZERO"],
     prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
-)(_gemm_kernel)
+)(_kernel)
 _INTERPRETER_CONFIG = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 2}
 _MIN_TILE = (16, 32)  # smallest BM, BN of any config above: sizes the split-K counters
-_locks: dict[torch.device, torch.Tensor] = {}
-# Outgrown counter sets stay allocated: a CUDA graph captured earlier still launches on them.
-_outgrown_locks: list[torch.Tensor] = []
+_MAX_TILE = (128, 256)  # largest: the most slices split_k_for gives a shape, which sizes the workspace
+_scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# Outgrown buffers stay allocated: a CUDA graph captured earlier still launches on them.
+_outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
-def _split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    # Zeroed once and rearmed by the kernel. One set per device: split-K GEMMs on one device must
-    # not run concurrently on different streams, and the first call must come before any CUDA
-    # graph capture (as autotuning must anyway).
-    locks = _locks.get(device)
-    if locks is None or locks.numel() < tiles:
-        if locks is not None:
-            _outgrown_locks.append(locks)
-        locks = _locks[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return locks
+def _split_k_scratch(device: torch.device, tiles: int, elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 workspace of >= elems partial sums and >= tiles zeroed counters, kept per device.
 
-
-def pick_split_k(m: int, n: int, k: int, group_size: int | None, device: torch.device) -> int:
-    """Slices of K that let a small-M GEMM fill the GPU: 1 unless output tiles leave most SMs idle."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 128)  # typical tile counts of the tuned configs
-    # Keep >= 512 of K (and >= one group) per slice so each slice still runs a pipelined loop.
-    split = min(sms // tiles, k // max(512, group_size or 0), 16)
-    return 1 if split < 2 else 1 << (split.bit_length() - 1)
+    The counters are zeroed once and rearmed by the kernel. One set per device: split-K GEMMs on
+    one device must not run concurrently on different streams, and the first call must come
+    before any CUDA graph capture (as autotuning must anyway).
+    """
+    ws, locks = _scratch.get(device, (None, None))
+    if ws is None or ws.numel() < elems or locks.numel() < tiles:
+        if ws is not None:
+            _outgrown.append((ws, locks))
+        ws = torch.empty(max(elems, 0 if ws is None else ws.numel(), 1), dtype=torch.float32, device=device)
+        locks = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _scratch[device] = ws, locks
+    return ws, locks
 
 
 def _check(fn: str, a_q: torch.Tensor, w: torch.Tensor, w_bits: int, group_size: int | None) -> tuple[int, int, int]:
@@ -254,9 +298,7 @@ def _launch(
     fn, a_q, w, out, a_scale, w_scale, bias, a_zero, w_sum, w_bits, group_size, raw, split_k, config
 ) -> torch.Tensor:
     (m, k), n = a_q.shape, w.shape[0]
-    if split_k is None:
-        split_k = pick_split_k(m, n, k, group_size, a_q.device)
-    if split_k < 1:
+    if split_k is not None and split_k < 1:
         raise ValueError(f"{fn}: split_k must be at least 1, got {split_k}.")
     if config is None and interpreted(_gemm_kernel):
         config = _INTERPRETER_CONFIG
@@ -267,20 +309,26 @@ def _launch(
     check_device(fn, _gemm_kernel, a_q, w, out)
     if m == 0 or n == 0:
         return out
+    bucket, group = m_bucket(m), group_size or 0
+
+    def split(bm: int, bn: int) -> int:
+        return split_k or split_k_for(bucket, n, k, group, bm, bn, _sms(a_q.device))
+
+    # The most slices any config of this launch can use sizes the workspace.
+    most = split(*(config["BM"], config["BN"]) if config else _MAX_TILE)
     ws = locks = out  # any pointer when unused
-    if split_k > 1:
-        ws_dtype = torch.float32 if group_size else torch.int32
-        ws = torch.empty(split_k, m, n, dtype=ws_dtype, device=a_q.device)
+    if most > 1:
         bm, bn = (config["BM"], config["BN"]) if config else _MIN_TILE
-        locks = _split_k_counters(a_q.device, triton.cdiv(m, bm) * triton.cdiv(n, bn))
+        ws, locks = _split_k_scratch(a_q.device, triton.cdiv(m, bm) * triton.cdiv(n, bn), most * m * n)
+        if not group_size:
+            ws = ws.view(torch.int32)
     args = (
         a_q, w, out, out if a_scale is None else a_scale, out if w_scale is None else w_scale,
         out if bias is None else bias, out if a_zero is None else a_zero, out if w_sum is None else w_sum, ws, locks,
-        m, n, k, a_q.stride(0), w.stride(0), out.stride(0), 0 if w_scale is None else w_scale.stride(0),
-        ws.stride(0) if split_k > 1 else 0,
+        m, n, k, bucket, a_q.stride(0), w.stride(0), out.stride(0), 0 if w_scale is None else w_scale.stride(0), m * n,
     )  # fmt: skip
     meta = {
-        "W4": w_bits == 4, "GROUP": group_size or 0, "HAS_BIAS": bias is not None, "RAW": raw, "SPLIT_K": split_k,
+        "W4": w_bits == 4, "GROUP": group, "HAS_BIAS": bias is not None, "RAW": raw, "SPLIT_K": split_k or 0,
         "ZERO": a_zero is not None,
     }  # fmt: skip
     # No multiply-add fusion: the reference rounds after every float32 multiply and add, and so
@@ -288,9 +336,10 @@ def _launch(
     # the groups in another order).
     meta["enable_fp_fusion"] = False
     if config is not None:
-        _gemm_kernel[(triton.cdiv(m, config["BM"]) * triton.cdiv(n, config["BN"]), split_k)](*args, **meta, **config)
+        grid = (triton.cdiv(m, config["BM"]) * triton.cdiv(n, config["BN"]), split(config["BM"], config["BN"]))
+        _kernel[grid](*args, **meta, **config)
     else:
-        _tuned[lambda c: (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]), split_k)](*args, **meta)
+        _tuned[lambda c: (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]), split(c["BM"], c["BN"]))](*args, **meta)
     return out
 
 
@@ -334,7 +383,7 @@ def scaled_int_gemm(
 
     a_scale float [M, 1]; w_scale float [N] (per channel) or [N, K / group_size]; bias float [N].
     a_zero int32 [M, 1] and w_sum int32 shaped as w_scale (reference.code_sums): asymmetric activations.
-    split_k: slices of K (None picks one from the shape, see pick_split_k). out: preallocated output.
+    split_k: slices of K (None: split_k_for the tiles that run; 1 on the CPU). out: preallocated output.
     config: fixed tiles {BM, BN, BK[, GROUP_M, num_warps, num_stages]} instead of the autotuner's
     choice (always fixed in the interpreter).
     """

@@ -41,7 +41,8 @@ from quantvla_kernels._triton import interpreted
 
 pytestmark = pytest.mark.unit
 
-SHAPES = [(1, 200, 72), (17, 200, 72), (50, 256, 40)]  # M, K, N: none a multiple of the 16x32x32 tile
+# M, K, N: M and N no multiple of the 16 x 32 x 32 tile; K 200 runs the masked K loop, 256 the EVEN_K one.
+SHAPES = [(1, 200, 72), (17, 200, 72), (50, 256, 40)]
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -420,10 +421,46 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
-def test_outgrown_split_k_counters_stay_allocated_for_graphs_captured_on_them():
+def test_outgrown_split_k_scratch_stays_allocated_for_graphs_captured_on_it():
     device = torch.device("cpu")
-    first = triton_gemm._split_k_counters(device, 8)
-    grown = triton_gemm._split_k_counters(device, first.numel() + 1)
-    assert grown.numel() > first.numel() and grown.data_ptr() != first.data_ptr()
-    assert any(t is first for t in triton_gemm._outgrown_locks)
-    assert triton_gemm._split_k_counters(device, 8) is grown
+    ws, locks = triton_gemm._split_k_scratch(device, 8, 64)
+    assert locks.numel() >= 8 and ws.numel() >= 64 and not locks.any()
+    grown_ws, grown_locks = triton_gemm._split_k_scratch(device, locks.numel() + 1, 64)
+    assert grown_locks.numel() > locks.numel() and grown_ws.numel() >= ws.numel()
+    assert any(w is ws and c is locks for w, c in triton_gemm._outgrown)
+    assert triton_gemm._split_k_scratch(device, 8, ws.numel()) == (grown_ws, grown_locks)
+    larger, _ = triton_gemm._split_k_scratch(device, 8, grown_ws.numel() + 1)
+    assert larger.numel() > grown_ws.numel()
+
+
+def test_m_bucket_is_the_next_power_of_two_from_16():
+    assert [triton_gemm.m_bucket(m) for m in (1, 16, 17, 32, 33, 56, 64, 65, 968, 1024)] == [
+        16, 16, 32, 32, 64, 64, 64, 128, 1024, 1024,
+    ]  # fmt: skip
+
+
+def test_autotuning_is_keyed_on_the_bucket_of_m_not_on_m():
+    # A new prompt length must not stop inference for tuning: M itself is neither key nor pruning input.
+    assert "M_BUCKET" in triton_gemm._tuned.keys and "M" not in triton_gemm._tuned.keys
+    configs = triton_gemm._configs()
+    for m in (33, 56, 64):
+        kept = triton_gemm._prune(configs, {"M": m, "M_BUCKET": triton_gemm.m_bucket(m)}, GROUP=0)
+        assert kept and all(c.kwargs["BM"] <= 64 for c in kept)
+    assert all(c.kwargs["BM"] >= 64 for c in triton_gemm._prune(configs, {"M": 50, "M_BUCKET": 1024}, GROUP=0))
+    # Group sizes below a config's BK shrink BK to the group rather than dropping the config.
+    assert {c.kwargs["BK"] for c in triton_gemm._prune(configs, {"M_BUCKET": 64}, GROUP=64)} == {64}
+
+
+def test_split_k_follows_the_tiles_that_run():
+    # π0.5's expert q/k/v (M 56, K 1024, N 2560) on 132 SMs: thin tiles already fill the card.
+    assert triton_gemm.split_k_for(64, 2560, 1024, 0, 16, 64, 132) == 1
+    # 64 x 128 tiles give 20 CTAs: two slices of K (each keeps >= 512 of it).
+    assert triton_gemm.split_k_for(64, 2560, 1024, 0, 64, 128, 132) == 2
+    # The expert's down projection (K 4096, N 1024): 8 CTAs, eight slices of 512.
+    assert triton_gemm.split_k_for(64, 1024, 4096, 0, 64, 128, 132) == 8
+    # Slices hold whole groups, at most 16 slices, always a power of two.
+    assert triton_gemm.split_k_for(16, 256, 16384, 2048, 64, 128, 132) == 8
+    assert triton_gemm.split_k_for(16, 128, 65536, 0, 64, 128, 132) == 16
+    assert triton_gemm.split_k_for(64, 1024, 3072, 0, 64, 128, 132) == 4
+    # The prefix (M 968) has tiles enough.
+    assert triton_gemm.split_k_for(1024, 2560, 2048, 0, 128, 128, 132) == 1
