@@ -1,9 +1,10 @@
 """Every Triton kernel variant compiles to a Hopper (sm_90) and a Jetson Orin (sm_87) cubin on this CPU.
 
 The interpreter tests check what the kernels compute, but the interpreter accepts constructs the
-compiler rejects (and skips layout and register checks entirely). Triton's wheel ships ptxas,
-so the whole pipeline down to SASS runs here without a GPU; nothing is launched. The kernels
-must be decorated without TRITON_INTERPRET, hence a child process.
+compiler rejects (and skips layout and register checks entirely). quantvla_kernels.offline_compile
+runs the whole pipeline down to a cubin here without a GPU, specialized as a launch on model
+shapes is (aligned pointers, N, K and strides), which is what switches on the pipelined loads.
+The kernels must be decorated without TRITON_INTERPRET, hence a child process.
 """
 
 import os
@@ -18,25 +19,16 @@ _SCRIPT = r"""
 import itertools
 import math
 
-import triton
-from triton.backends.compiler import GPUTarget
-
 from quantvla_kernels import triton_gemm, triton_quant, triton_transform
+from quantvla_kernels.offline_compile import compile_variant, gemm_types
 
 
-def compile_variant(kernel, types, constants, target, **options):
-    names = kernel.arg_names
-    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in names}
-    source = triton.compiler.ASTSource(
-        fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
-    )
-    compiled = triton.compile(source, target=target, options=options)
-    assert compiled.asm["cubin"], "no cubin"
+def check(kernel, types, constants, arch, **options):
+    assert compile_variant(kernel, types, constants, arch, **options).asm["cubin"], "no cubin"
 
 
 count = 0
 for arch in (90, 87):
-    target = GPUTarget("cuda", arch, 32)
     # The GEMM: weight width, groups, K masks, split-K and the zero point, at an expert tile and (on
     # Hopper, where the prefix runs at full size) a prefix tile.
     tiles = ((16, 64, 128, 4, 4), (128, 128, 128, 8, 4))[: 2 if arch == 90 else 1]
@@ -45,23 +37,18 @@ for arch in (90, 87):
     ):
         if raw and (group or zero):
             continue  # int_gemm has neither
-        types = {
-            "a_ptr": "*i8", "w_ptr": "*u8" if w4 else "*i8", "c_ptr": "*i32" if raw else "*bf16",
-            "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "zero_ptr": "*i32",
-            "wsum_ptr": "*i32", "ws_ptr": "*fp32" if group else "*i32", "lock_ptr": "*i32",
-        }
         constants = dict(
             W4=w4, GROUP=group, HAS_BIAS=not raw, RAW=raw, SPLIT_K=split_k, ZERO=zero, EVEN_K=even_k,
             BM=bm, BN=bn, BK=bk, GROUP_M=8,
         )
-        compile_variant(triton_gemm._gemm_kernel, types, constants, target,
-                        num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+        check(triton_gemm._gemm_kernel, gemm_types(w4, bool(group), raw), constants, arch,
+              num_warps=warps, num_stages=stages, enable_fp_fusion=False)
         count += 1
     # Row quantization: symmetric, asymmetric and static scales at int8 and int4.
     for qmax, (static, asym) in itertools.product((127, 7), ((False, False), (False, True), (True, False))):
         types = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "zero_ptr": "*i32", "static_ptr": "*fp32"}
         constants = dict(QMAX=qmax, STATIC=static, ASYM=asym, BLOCK=2048)
-        compile_variant(triton_quant._quantize_kernel, types, constants, target, num_warps=4)
+        check(triton_quant._quantize_kernel, types, constants, arch, num_warps=4)
         count += 1
     # The fused DuQuant transform: every step on, staged and not, and a plain smoothing-only layer.
     for steps, staged, asym, width in (((True,) * 4, True, False, 128), ((True,) * 4, False, True, 128),
@@ -76,8 +63,8 @@ for arch in (90, 87):
             QMAX=127, SMOOTH=smooth, ROT1=rot1, PERM=perm, ROT2=rot2, STAGED=staged, STATIC=False, ASYM=asym,
             CB=2048 // width, B=width, LOG_B=width.bit_length() - 1, INV_SQRT_B=1 / math.sqrt(width),
         )
-        compile_variant(triton_transform._transform_quantize_kernel, types, constants, target,
-                        num_warps=4, enable_fp_fusion=False)
+        check(triton_transform._transform_quantize_kernel, types, constants, arch,
+              num_warps=4, enable_fp_fusion=False)
         count += 1
 print(count)
 """
