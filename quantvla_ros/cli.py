@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quantvla_ros.errors import QuantVLAError
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -64,12 +66,12 @@ def _read_image(spec: str) -> tuple[str, np.ndarray]:
 
     name, sep, file = spec.partition("=")
     if not sep:
-        raise ValueError(f"--image {spec!r} must look like CAMERA=FILE, e.g. base_0_rgb=frame.png.")
+        raise QuantVLAError(f"--image {spec!r} must look like CAMERA=FILE, e.g. base_0_rgb=frame.png.")
     try:
         with Image.open(file) as img:
             return name, np.asarray(img.convert("RGB"))
     except OSError as e:
-        raise ValueError(f"--image {file} could not be read as an image ({e}).") from None
+        raise QuantVLAError(f"--image {file} could not be read as an image ({e}).") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -80,7 +82,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     try:
         state = np.array([float(v) for v in args.state.split(",")], np.float32)
     except ValueError:
-        raise ValueError(f"--state {args.state!r} must be comma-separated numbers.") from None
+        raise QuantVLAError(f"--state {args.state!r} must be comma-separated numbers.") from None
     obs = Observation(images=dict(_read_image(s) for s in args.image), instruction=args.instruction, state=state)
     noise = None
     if args.seed is not None:
@@ -151,7 +153,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     if is_artifact(args.checkpoint):
-        raise ValueError(f"--checkpoint {args.checkpoint} is already a quantized artifact; pass the float checkpoint.")
+        raise QuantVLAError(
+            f"--checkpoint {args.checkpoint} is already a quantized artifact; pass the float checkpoint."
+        )
     policy = load_float_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
     buffer = None
     calibration = {}
@@ -182,7 +186,7 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     for path in args.candidate:
         candidate = load_policy(path, device=args.device)
         if candidate.quant_config is None:
-            raise ValueError(f"--candidate {path} is not a quantized artifact (no quant_config.json).")
+            raise QuantVLAError(f"--candidate {path} is not a quantized artifact (no quant_config.json).")
         result = fidelity(reference, candidate, list(candidate.quant_config["modules"]), buffer, args.batch_size)
         rows[Path(path).name] = (result, candidate.quant_config)
     summary = write_report(rows, Path(args.out))
@@ -383,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ChildProcessError) as e:
-        # User errors and failed child nodes end in their message (with the node's log), not a traceback.
+    except (QuantVLAError, ChildProcessError) as e:
+        # User errors and failed child nodes end in their message (with the node's log); anything
+        # else is a bug and keeps its traceback.
         print(f"quantvla {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

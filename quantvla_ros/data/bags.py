@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.data.messages import MessageError, compressed_to_rgb, image_to_rgb, joint_positions
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.policy import Observation
 
 TYPES = {
@@ -35,7 +36,7 @@ TYPES = {
 }
 
 
-class BagError(ValueError):
+class BagError(QuantVLAError):
     """A bag that cannot be used; the message names the bag and, where it applies, the topic."""
 
 

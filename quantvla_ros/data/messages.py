@@ -13,10 +13,12 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from quantvla_ros.errors import QuantVLAError
+
 CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
 
 
-class MessageError(ValueError):
+class MessageError(QuantVLAError):
     """A message that cannot be used; `cause` groups repeats for log-once reporting."""
 
     def __init__(self, cause: str, message: str) -> None:

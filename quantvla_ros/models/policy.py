@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.common.normalizer import Normalizer, pad_to_dim
 from quantvla_ros.models.family import InputProcessor
@@ -120,19 +121,19 @@ class Policy:
         cfg = self.model.cfg
         unknown = sorted(set(obs.images) - set(self.camera_names))
         if unknown:
-            raise ValueError(
+            raise QuantVLAError(
                 f"Observation camera(s) {unknown} are not inputs of this policy; use {list(self.camera_names)}."
             )
         if not obs.images:
-            raise ValueError(f"The observation has no image; send at least one of {list(self.camera_names)}.")
+            raise QuantVLAError(f"The observation has no image; send at least one of {list(self.camera_names)}.")
         images, masks = self.processor.images(obs.images)
         state = np.asarray(obs.state, dtype=np.float32).reshape(-1)
         if self.state_dim is not None and state.shape[0] != self.state_dim:
-            raise ValueError(f"The state has {state.shape[0]} values but this policy expects {self.state_dim}.")
+            raise QuantVLAError(f"The state has {state.shape[0]} values but this policy expects {self.state_dim}.")
         if state.shape[0] > cfg.max_state_dim:
-            raise ValueError(f"The state has {state.shape[0]} values; this model takes at most {cfg.max_state_dim}.")
+            raise QuantVLAError(f"The state has {state.shape[0]} values; this model takes at most {cfg.max_state_dim}.")
         if not np.all(np.isfinite(state)):
-            raise ValueError("The state contains NaN or Inf; refusing to run the policy on it.")
+            raise QuantVLAError("The state contains NaN or Inf; refusing to run the policy on it.")
         state_norm = self._state_norm.normalize(state) if self._state_norm else state
         tokens, token_mask = self.processor.prompt(obs.instruction, state_norm)
         dev = self.device
@@ -191,6 +192,6 @@ def load_float_policy(
     also takes quantized artifacts and is what applications call."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Policy path {path} does not exist; pass a checkpoint folder.")
+        raise QuantVLAError(f"Policy path {path} does not exist; pass a checkpoint folder.")
     model, info, family = load_model(path, device, dtype or default_dtype(device), asset_id)
     return Policy(model, info, family.make_processor(info), action_dt)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_json_atomic
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.family import ModelFamily
 from quantvla_ros.models.registry import family_of, load_model
@@ -79,7 +80,7 @@ def save_artifact(
     """Write the artifact folder next to `out_dir` and move it into place in one rename."""
     out_dir = Path(out_dir).resolve()
     if source.path.resolve() == out_dir:
-        raise ValueError(f"--out {out_dir} is the float checkpoint itself; write the artifact to another folder.")
+        raise QuantVLAError(f"--out {out_dir} is the float checkpoint itself; write the artifact to another folder.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:

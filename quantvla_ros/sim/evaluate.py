@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.policy import Observation, Policy
 from quantvla_ros.sim.env import MAX_STEPS, SimEnv
@@ -53,7 +54,7 @@ def evaluate(
 ) -> dict:
     """Success rate and mean episode length per task, plus their averages over the tasks."""
     if not 1 <= execute_steps <= policy.horizon:
-        raise ValueError(f"execute_steps is {execute_steps}; use 1 to the policy's horizon {policy.horizon}.")
+        raise QuantVLAError(f"execute_steps is {execute_steps}; use 1 to the policy's horizon {policy.horizon}.")
     outcomes: dict[str, list[tuple[bool, int]]] = {}
     bar = tqdm(total=len(tasks) * episodes, desc="evaluating", unit="ep")
     for task in tasks:

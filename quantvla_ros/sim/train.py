@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from quantvla_ros.atomic import write_json_atomic
 from quantvla_ros.data.messages import image_to_rgb, joint_positions
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.gemma import GemmaConfig
 from quantvla_ros.models.common.images import image_to_model
 from quantvla_ros.models.common.normalizer import Normalizer, NormStats
@@ -100,9 +101,9 @@ def read_episodes(bags: list[Path]) -> list[Episode]:
                     else:
                         steps.setdefault(ns, {})["action"] = np.asarray(msg.points[0].positions, np.float32)
         except Exception as e:  # rosbags raises many types for damaged bags
-            raise ValueError(f"Could not read demo bag {bag}: {e}") from None
+            raise QuantVLAError(f"Could not read demo bag {bag}: {e}") from None
         if not starts:
-            raise ValueError(f"Demo bag {bag} has no /instruction message; record it with quantvla_ros.sim.demos.")
+            raise QuantVLAError(f"Demo bag {bag} has no /instruction message; record it with quantvla_ros.sim.demos.")
         starts.sort()
         start_ns = [s for s, _ in starts]
         grouped: list[list[dict]] = [[] for _ in starts]
@@ -235,7 +236,7 @@ def train(
     bag_dirs = sorted(p.parent for p in Path(bags).glob("*/metadata.yaml")) or [Path(bags)]
     episodes = read_episodes(bag_dirs)
     if not episodes:
-        raise ValueError(f"No demo episodes found in {bags}; record some with quantvla_ros.sim.demos.")
+        raise QuantVLAError(f"No demo episodes found in {bags}; record some with quantvla_ros.sim.demos.")
     out = Path(out)
     policy = initial_checkpoint(out, episodes, seed, cfg)
     samples = Samples(episodes, policy)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.normalizer import NormStats, load_lerobot_norm_stats, save_lerobot_norm_stats
 
 WEIGHTS_FILE = "model.safetensors"
@@ -32,7 +33,7 @@ LEGACY_LEROBOT_NORMALIZER = re.compile(
 _LEGACY_FEATURES = {"observation_state": "state", "action": "actions"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QuantVLAError):
     """A checkpoint that cannot be used as it is; the message names the file or key."""
 
 

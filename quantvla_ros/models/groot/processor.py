@@ -25,6 +25,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo, read_json
 from quantvla_ros.models.common.images import image_to_model
 from quantvla_ros.models.common.tokenizer import special_token_content
@@ -191,7 +192,7 @@ def eagle_prompt(tokenizer: EagleTokenizer, instruction: str, cameras: int, toke
 def crop_and_resize(image: np.ndarray, size: int, scale: float = CROP_SCALE) -> np.ndarray:
     """torchvision's CenterCrop to (⌊H·scale⌋, ⌊W·scale⌋), then an antialiased bilinear resize to size×size."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
+        raise QuantVLAError(
             f"GR00T needs uint8 H×W×3 RGB images, got shape {image.shape} and dtype {image.dtype}; "
             "convert the image to 8-bit RGB first."
         )
@@ -214,7 +215,7 @@ class GR00TProcessor:
     def images(self, images: dict[str, np.ndarray]) -> tuple[np.ndarray, list[bool]]:
         missing = [name for name in self.cfg.camera_names if name not in images]
         if missing:
-            raise ValueError(
+            raise QuantVLAError(
                 f"GR00T needs every camera it was trained with; the observation lacks {missing} "
                 f"(it takes {list(self.cfg.camera_names)})."
             )
@@ -235,7 +236,7 @@ class GR00TProcessor:
             eagle_prompt(self.tokenizer, instruction, len(cfg.camera_names), cfg.tokens_per_image)
         )
         if len(ids) > cfg.max_token_len:
-            raise ValueError(
+            raise QuantVLAError(
                 f"The prompt for instruction {instruction!r} takes {len(ids)} tokens but this policy's "
                 f"max_token_len is {cfg.max_token_len}; shorten the instruction or raise max_token_len in config.json."
             )
