@@ -1,13 +1,15 @@
 """Atomic file writes: a temp file beside the target, fsynced, then renamed over it.
 
 An interrupted run therefore leaves either the old file or the new one, never half of one.
-Every layer writes its artifacts, buffers and checkpoints through here.
+Every layer writes its artifacts, buffers and checkpoints through here; `atomic_dir` does the
+same for a whole folder (an artifact, a bag).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +32,23 @@ def atomic_path(target: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a path beside `target`, not yet created, to build a folder at; the folder replaces
+    `target` (and whatever folder was there) only if the block finishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield scratch / "new"
+        os.chmod(scratch / "new", 0o755)  # mkdtemp's folders are private; outputs are shared like files
+        if target.exists():
+            os.replace(target, scratch / "old")
+        os.replace(scratch / "new", target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -128,8 +128,9 @@ def cmd_layout(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from quantvla_ros.data.buffer import load_buffer
     from quantvla_ros.models.policy import load_float_policy
+    from quantvla_ros.outputs import check_output_folder
     from quantvla_ros.quant.api import quantize_
-    from quantvla_ros.quant.artifact import is_artifact, save_artifact
+    from quantvla_ros.quant.artifact import ARTIFACT_OUTPUT, is_artifact, save_artifact
     from quantvla_ros.quant.config import method_config
 
     config = method_config(
@@ -156,6 +157,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise QuantVLAError(
             f"--checkpoint {args.checkpoint} is already a quantized artifact; pass the float checkpoint."
         )
+    check_output_folder(args.out, "--out", ARTIFACT_OUTPUT, args.overwrite)
     policy = load_float_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
     buffer = None
     calibration = {}
@@ -170,15 +172,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             "seed": args.seed,
         }
     record = quantize_(policy.model, config, buffer, batch_size=args.batch_size)
-    out = save_artifact(policy.model, policy.info, record, Path(args.out), calibration)
+    out = save_artifact(policy.model, policy.info, record, Path(args.out), calibration, args.overwrite)
     print(f"Wrote {out} ({config.method}, {config.linear.bits}, {len(record.modules)} quantized layers).")
 
 
 def cmd_fidelity(args: argparse.Namespace) -> None:
     from quantvla_ros.data.buffer import load_buffer
     from quantvla_ros.loader import load_policy
-    from quantvla_ros.quant.fidelity import fidelity, write_report
+    from quantvla_ros.outputs import check_output_folder
+    from quantvla_ros.quant.fidelity import REPORT_OUTPUT, fidelity, write_report
 
+    check_output_folder(args.out, "--out", REPORT_OUTPUT, args.overwrite)
     reference = load_policy(args.reference, device=args.device, asset_id=args.asset_id)
     buffer = load_buffer(args.buffer)
     buffer.check_matches(reference, f"--buffer {args.buffer}")
@@ -189,7 +193,7 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
             raise QuantVLAError(f"--candidate {path} is not a quantized artifact (no quant_config.json).")
         result = fidelity(reference, candidate, list(candidate.quant_config["modules"]), buffer, args.batch_size)
         rows[Path(path).name] = (result, candidate.quant_config)
-    summary = write_report(rows, Path(args.out))
+    summary = write_report(rows, Path(args.out), args.overwrite)
     print(summary.read_text())
 
 
@@ -211,16 +215,19 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         "method": args.method,
         "device": args.device,
         "asset_id": args.asset_id,
+        "overwrite": True if args.overwrite else None,
     }
     params.update({k: v for k, v in overrides.items() if v is not None})
     run_calibration(params)
 
 
 def cmd_eval_sim(args: argparse.Namespace) -> None:
-    from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+    from quantvla_ros.outputs import check_output_folder
     from quantvla_ros.paths import config_file
-    from quantvla_ros.sim.evaluate import evaluate, markdown_table
+    from quantvla_ros.sim.evaluate import RESULTS_OUTPUT, evaluate, markdown_table, write_results
 
+    if args.out:
+        check_output_folder(args.out, "--out", RESULTS_OUTPUT, args.overwrite)
     if args.ros:
         from quantvla_ros.sim.ros_eval import evaluate_over_ros
 
@@ -232,11 +239,9 @@ def cmd_eval_sim(args: argparse.Namespace) -> None:
         policy = load_policy(args.policy, device=args.device, asset_id=args.asset_id)
         result = evaluate(policy, args.tasks, args.episodes, args.seed, args.execute_steps)
     result["policy"] = args.policy
-    table = markdown_table(result)
-    print(table)
+    print(markdown_table(result))
     if args.out:
-        write_json_atomic(Path(args.out) / "results.json", result)
-        write_bytes_atomic(Path(args.out) / "results.md", table.encode())
+        write_results(result, Path(args.out), args.overwrite)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -296,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--checkpoint", required=True, help="float checkpoint folder")
     quantize.add_argument("--calib", help="calibration buffer (safetensors) for ATM/OHB and activation ranges")
     quantize.add_argument("--method", default="quantvla", choices=("quantvla", "rtn", "smoothquant", "duquant"))
-    quantize.add_argument("--out", required=True, help="artifact folder to write")
+    quantize.add_argument("--out", required=True, help="artifact folder to write (new or empty)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --out")
     layout_options(quantize)
     quantize.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16))
     quantize.add_argument("--transform", choices=("none", "smoothquant", "duquant"))
@@ -331,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--candidate", action="append", required=True, help="artifact folder (repeatable)")
     fid.add_argument("--buffer", required=True, help="calibration-style buffer of observations")
     fid.add_argument("--out", default="build/fidelity", help="folder for JSON, PNG plots and summary.md")
+    fid.add_argument("--overwrite", action="store_true", help="replace an earlier fidelity report at --out")
     fid.add_argument("--device", default="cpu")
     fid.add_argument("--asset-id", help=ASSET_HELP + " (of the reference)")
     fid.add_argument("--batch-size", type=int, default=8)
@@ -345,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--buffer", help="calibration buffer to write")
     calib.add_argument("--samples", type=int)
     calib.add_argument("--artifact", help="also quantize into this artifact folder")
+    calib.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --artifact")
     calib.add_argument("--method", choices=("quantvla", "rtn", "smoothquant", "duquant"))
     calib.add_argument("--device")
     calib.add_argument("--asset-id", help=ASSET_HELP)
@@ -363,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--asset-id", help=ASSET_HELP + " (in-process runs)")
     ev.add_argument("--out", help="folder for results.json and results.md")
+    ev.add_argument("--overwrite", action="store_true", help="replace earlier results at --out")
     ev.set_defaults(func=cmd_eval_sim)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default policy")
@@ -382,15 +391,23 @@ PASSTHROUGH = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in PASSTHROUGH:
-        importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+        command = argv[0]
+
+        def run() -> None:
+            importlib.import_module(PASSTHROUGH[command][0]).main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command = args.command
+
+        def run() -> None:
+            args.func(args)
+
     try:
-        args.func(args)
+        run()
     except (QuantVLAError, ChildProcessError) as e:
         # User errors and failed child nodes end in their message (with the node's log); anything
         # else is a bug and keeps its traceback.
-        print(f"quantvla {args.command}: {e}", file=sys.stderr)
+        print(f"quantvla {command}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,16 +10,15 @@
 
 Because the rest of the folder is the float checkpoint's own layout (openpi or LeRobot),
 `read_checkpoint` reads an artifact like any checkpoint; only the module swap before loading
-differs. The folder is written beside its destination and renamed into place.
+differs. The folder is written beside its destination and renamed into place, and it replaces
+only an earlier artifact, never another folder (quantvla_ros/outputs.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,12 +26,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantvla_ros.atomic import atomic_path, write_json_atomic
-from quantvla_ros.errors import QuantVLAError
+from quantvla_ros.atomic import atomic_dir, atomic_path, write_json_atomic
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.family import ModelFamily
 from quantvla_ros.models.registry import family_of, load_model
 from quantvla_ros.models.stages import StagedModel
+from quantvla_ros.outputs import OutputKind, check_output_folder
 from quantvla_ros.quant.api import QuantRecord
 from quantvla_ros.quant.convert import set_module
 from quantvla_ros.quant.linear import QuantLinear
@@ -61,6 +60,9 @@ def is_artifact(path: Path | str) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
 
 
+ARTIFACT_OUTPUT = OutputKind("a quantized artifact", is_artifact)
+
+
 def _copy_checkpoint_files(family: ModelFamily, src: Path, dst: Path) -> None:
     """Everything of the float checkpoint folder except its weights, at the same relative paths."""
     for pattern in family.side_files:
@@ -76,15 +78,15 @@ def save_artifact(
     record: QuantRecord,
     out_dir: Path | str,
     calibration: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the artifact folder next to `out_dir` and move it into place in one rename."""
+    """Write the artifact folder beside `out_dir` and move it into place in one rename; an earlier
+    artifact there is replaced only with `overwrite`, and any other non-empty folder is refused."""
     out_dir = Path(out_dir).resolve()
-    if source.path.resolve() == out_dir:
-        raise QuantVLAError(f"--out {out_dir} is the float checkpoint itself; write the artifact to another folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        family = family_of(model)
+    check_output_folder(out_dir, "Artifact folder", ARTIFACT_OUTPUT, overwrite)
+    family = family_of(model)
+    with atomic_dir(out_dir) as staging:
+        staging.mkdir()
         _copy_checkpoint_files(family, source.path, staging)
         with atomic_path(staging / WEIGHTS) as tmp:
             save_file(family.export_state_dict(model, source.layout), str(tmp), metadata={"format": "pt"})
@@ -101,17 +103,6 @@ def save_artifact(
             "model_safetensors_sha256": sha256_file(staging / WEIGHTS),
         }
         write_json_atomic(staging / QUANT_CONFIG, quant_config)
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            os.replace(out_dir, retired / "artifact")
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
 
 

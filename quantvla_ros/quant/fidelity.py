@@ -14,6 +14,7 @@ Results: a JSON file and PNG plots per candidate, plus a markdown table across c
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
 from quantvla_ros.models.policy import CalibrationSource, Policy
+from quantvla_ros.outputs import OutputKind, check_output_folder, only_entries
 from quantvla_ros.quant.statistics import sample_noise
 
 
@@ -148,7 +150,14 @@ def summary_table(rows: dict[str, tuple[dict, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(rows: dict[str, tuple[dict, dict]], out_dir: Path) -> Path:
+REPORT_OUTPUT = OutputKind(
+    "a fidelity report", lambda p: (p / "summary.md").is_file() and only_entries(p, suffixes={".json", ".png", ".md"})
+)
+
+
+def write_report(rows: dict[str, tuple[dict, dict]], out_dir: Path, overwrite: bool = False) -> Path:
+    if check_output_folder(out_dir, "Fidelity report folder", REPORT_OUTPUT, overwrite):
+        shutil.rmtree(out_dir)  # holds only an earlier report's files (REPORT_OUTPUT checked)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, (result, qc) in rows.items():
         plots = plot_candidate(name, result, qc, out_dir)

@@ -19,13 +19,15 @@ from quantvla_ros.data.bags import read_observations
 from quantvla_ros.data.buffer import build_buffer, save_buffer
 from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.models.policy import load_float_policy
+from quantvla_ros.outputs import check_output_folder
 from quantvla_ros.quant.api import quantize_
-from quantvla_ros.quant.artifact import save_artifact
+from quantvla_ros.quant.artifact import ARTIFACT_OUTPUT, save_artifact
 from quantvla_ros.quant.config import method_config
 from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare, require
 from quantvla_ros.ros.policy_node import PARAMETERS, REQUIRED
 
+OVERWRITE_FLAG = "--overwrite (parameter overwrite: true)"
 CALIBRATION_PARAMETERS = {
     "bags": Parameter.Type.STRING_ARRAY,
     "buffer": "calibration.safetensors",
@@ -37,6 +39,7 @@ CALIBRATION_PARAMETERS = {
     "a_bits": 8,
     "batch_size": 8,
     "seed": 0,
+    "overwrite": False,  # replace an earlier artifact at `artifact` (never any other folder)
 }
 
 
@@ -44,6 +47,9 @@ def run_calibration(params: dict, log=print) -> dict:
     """Build the buffer from the bags and, when `artifact` is set, quantize into it."""
     mapping = TopicMapping.from_params(params)
     require(params, ["policy_path", "bags"], "config/calibration.yaml")
+    overwrite = bool(params.get("overwrite"))
+    if params.get("artifact"):
+        check_output_folder(params["artifact"], "Artifact folder", ARTIFACT_OUTPUT, overwrite, OVERWRITE_FLAG)
     policy = load_float_policy(
         params["policy_path"], device=params.get("device", "cpu"), asset_id=params.get("asset_id") or None
     )
@@ -64,7 +70,7 @@ def run_calibration(params: dict, log=print) -> dict:
         config = method_config(params["method"], w_bits=int(params["w_bits"]), a_bits=int(params["a_bits"]))
         record = quantize_(policy.model, config, buffer, batch_size=int(params["batch_size"]))
         calibration = {"buffer": str(path), "samples": len(buffer), "sources": sources, "topics": topics}
-        out = save_artifact(policy.model, policy.info, record, Path(params["artifact"]), calibration)
+        out = save_artifact(policy.model, policy.info, record, Path(params["artifact"]), calibration, overwrite)
         log(f"Wrote {out}: {config.method} {config.linear.bits}, {len(record.modules)} quantized layers.")
         result["artifact"] = str(out)
     return result

@@ -23,6 +23,7 @@ from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
 from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.policy import Observation, Policy
+from quantvla_ros.outputs import OutputKind, check_output_folder, only_entries
 from quantvla_ros.sim.env import MAX_STEPS, SimEnv
 from quantvla_ros.sim.tasks import DEFAULT_TASKS, INSTRUCTIONS
 
@@ -91,6 +92,18 @@ def summarize(
     }
 
 
+RESULTS_OUTPUT = OutputKind("evaluation results", lambda p: only_entries(p, names={"results.json", "results.md"}))
+
+
+def write_results(result: dict, out: Path, overwrite: bool = False) -> str:
+    """results.json and results.md in `out` (earlier results there only with `overwrite`); returns the table."""
+    table = markdown_table(result)
+    check_output_folder(out, "--out", RESULTS_OUTPUT, overwrite)
+    write_json_atomic(out / "results.json", result)
+    write_bytes_atomic(out / "results.md", table.encode())
+    return table
+
+
 def markdown_table(result: dict) -> str:
     lines = ["| task | success | mean length |", "|---|---|---|"]
     for task, r in result["tasks"].items():
@@ -108,16 +121,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--execute-steps", type=int, default=5, help="actions executed from each chunk")
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS)
     parser.add_argument("--out", type=Path, help="folder for results.json and results.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier results at --out")
     args = parser.parse_args(argv)
+    if args.out:
+        check_output_folder(args.out, "--out", RESULTS_OUTPUT, args.overwrite)
     policy = load_policy(args.policy)
     start = time.time()
     result = evaluate(policy, args.tasks, args.episodes, args.seed, args.execute_steps, args.max_steps)
     result.update(policy=str(args.policy), seconds=round(time.time() - start, 1))
-    table = markdown_table(result)
-    print(table)
+    print(markdown_table(result))
     if args.out:
-        write_json_atomic(args.out / "results.json", result)
-        write_bytes_atomic(args.out / "results.md", table.encode())
+        write_results(result, args.out, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,15 @@ def test_missing_or_mistyped_topic_and_empty_bag_are_named(tmp_path):
         read_observations([empty], mapping, samples=4)
     with pytest.raises(BagError, match="does not exist"):
         read_observations([tmp_path / "nope"], mapping, samples=4)
+
+
+def test_calibrate_never_writes_its_artifact_over_another_folder(checkpoints, bags, tmp_path, capsys):
+    recorded = tmp_path / "recorded"
+    shutil.copytree(bags[0], recorded)
+    before = sorted(p.name for p in recorded.iterdir())
+    files = params_files(tmp_path, checkpoints[(True, "openpi")], bags[:1], artifact=str(recorded), method="rtn")
+    assert main(["calibrate", *[a for f in files for a in ("--params-file", str(f))]]) == 2
+    err = capsys.readouterr().err
+    assert f"Artifact folder {recorded} is a non-empty folder that is not a quantized artifact" in err
+    assert sorted(p.name for p in recorded.iterdir()) == before
+    assert not (tmp_path / "calib.safetensors").exists()  # refused before reading any bag

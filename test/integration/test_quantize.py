@@ -217,3 +217,53 @@ def test_the_authors_choices_are_options(float_path, buffer):
     assert ((alpha >= 0.7 - 1e-9) & (alpha <= 1.4 + 1e-9)).all()
     with pytest.raises(ValueError, match="Unknown statistics pooling"):
         method_config("quantvla", stat_pooling="median")
+
+
+def folder_snapshot(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_quantize_never_deletes_a_folder_it_did_not_write(float_path, tmp_path, capsys):
+    bag = tmp_path / "bag"
+    bag.mkdir()
+    (bag / "bag.mcap").write_bytes(b"recorded data")
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {}\n")
+    parent = tmp_path / "models"
+    shutil.copytree(float_path, parent / "pi05")
+    for out in (bag, parent):
+        before = folder_snapshot(out)
+        assert main(["quantize", "--checkpoint", str(float_path), "--method", "rtn", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is a non-empty folder that is not a quantized artifact" in err
+        assert folder_snapshot(out) == before
+
+
+def test_quantize_replaces_an_artifact_only_with_overwrite(float_path, tmp_path, capsys):
+    out = tmp_path / "w4"
+    args = ["quantize", "--checkpoint", str(float_path), "--method", "rtn", "--out", str(out)]
+    assert main(args) == 0
+    first = json.loads((out / "quant_config.json").read_text())["created"]
+    assert main(args) == 2
+    assert "already holds a quantized artifact; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--w-bits", "8", "--overwrite"]) == 0
+    assert json.loads((out / "quant_config.json").read_text())["w_bits"] == 8 and first
+    assert [p.name for p in tmp_path.iterdir()] == ["w4"]
+
+
+def test_fidelity_refuses_a_folder_that_is_not_a_report(float_path, buffer_file, tmp_path, capsys):
+    artifact = tmp_path / "rtn"
+    assert main(["quantize", "--checkpoint", str(float_path), "--method", "rtn", "--out", str(artifact)]) == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "summary.md").write_text("my own notes")
+    (notes / "todo.txt").write_text("keep")
+    before = folder_snapshot(notes)
+    args = ["fidelity", "--reference", str(float_path), "--buffer", str(buffer_file), "--candidate", str(artifact)]
+    assert main([*args, "--out", str(notes), "--overwrite"]) == 2
+    assert "is a non-empty folder that is not a fidelity report" in capsys.readouterr().err
+    assert folder_snapshot(notes) == before
+    report = tmp_path / "report"
+    assert main([*args, "--out", str(report)]) == 0
+    assert main([*args, "--out", str(report)]) == 2
+    assert "already holds a fidelity report" in capsys.readouterr().err
+    assert main([*args, "--out", str(report), "--overwrite"]) == 0
