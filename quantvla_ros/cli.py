@@ -250,6 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), args.episodes)
 
 
+DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
 # One checkpoint may carry statistics for several robots: openpi's assets/<asset_id>/ folders and
 # GR00T's embodiment tags in experiment_cfg/metadata.json.
 ASSET_HELP = "openpi asset folder or GR00T embodiment tag whose statistics to use (when there are several)"
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--image", action="append", required=True, metavar="CAMERA=FILE")
     predict.add_argument("--instruction", required=True)
     predict.add_argument("--state", required=True, help="comma-separated robot state")
-    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--device", default="auto", help=DEVICE_HELP)
     predict.add_argument("--dtype", choices=DTYPES)
     predict.add_argument("--asset-id", help=ASSET_HELP)
     predict.add_argument("--seed", type=int, help="fix the sampling noise")
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--clamp-log", type=float, help="clamp |log α|, |log β| (0.3)")
     quantize.add_argument("--neutral-log", type=float, help="|log| below this sets α, β to 1 (0.03)")
-    quantize.add_argument("--device", default="cpu")
+    quantize.add_argument("--device", default="auto", help=DEVICE_HELP)
     quantize.add_argument("--asset-id", help=ASSET_HELP)
     quantize.add_argument("--dtype", choices=DTYPES)
     quantize.add_argument("--batch-size", type=int, default=8)
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--buffer", required=True, help="calibration-style buffer of observations")
     fid.add_argument("--out", default="build/fidelity", help="folder for JSON, PNG plots and summary.md")
     fid.add_argument("--overwrite", action="store_true", help="replace an earlier fidelity report at --out")
-    fid.add_argument("--device", default="cpu")
+    fid.add_argument("--device", default="auto", help=DEVICE_HELP)
     fid.add_argument("--asset-id", help=ASSET_HELP + " (of the reference)")
     fid.add_argument("--batch-size", type=int, default=8)
     fid.set_defaults(func=cmd_fidelity)
@@ -354,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--artifact", help="also quantize into this artifact folder")
     calib.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --artifact")
     calib.add_argument("--method", choices=("quantvla", "rtn", "smoothquant", "duquant"))
-    calib.add_argument("--device")
+    calib.add_argument("--device", help=DEVICE_HELP)
     calib.add_argument("--asset-id", help=ASSET_HELP)
     calib.set_defaults(func=cmd_calibrate)
 
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--execute-steps", type=int, default=5, help="actions executed from each chunk")
     ev.add_argument("--ros", action="store_true", help="through the sim node and the policy node over DDS")
     ev.add_argument("--params-file", help="policy node params for --ros (default config/sim_policy.yaml)")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.add_argument("--asset-id", help=ASSET_HELP + " (in-process runs)")
     ev.add_argument("--out", help="folder for results.json and results.md")
     ev.add_argument("--overwrite", action="store_true", help="replace earlier results at --out")

@@ -23,6 +23,7 @@ import torch
 from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.common.normalizer import Normalizer, pad_to_dim
+from quantvla_ros.models.device import resolve_device
 from quantvla_ros.models.family import InputProcessor
 from quantvla_ros.models.registry import load_model
 from quantvla_ros.models.stages import Sampler, StagedModel
@@ -188,9 +189,11 @@ def load_float_policy(
     asset_id: str | None = None,
     action_dt: float | None = None,
 ) -> Policy:
-    """Load a float checkpoint folder of any registered family; `quantvla_ros.loader.load_policy`
-    also takes quantized artifacts and is what applications call."""
+    """Load a float checkpoint folder of any registered family onto `device` ("auto": CUDA when
+    present); `quantvla_ros.loader.load_policy` also takes quantized artifacts and is what
+    applications call."""
     path = Path(path)
+    device = resolve_device(device)
     if not path.exists():
         raise QuantVLAError(f"Policy path {path} does not exist; pass a checkpoint folder.")
     model, info, family = load_model(path, device, dtype or default_dtype(device), asset_id)

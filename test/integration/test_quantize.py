@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from quantvla_ros.cli import main
 from quantvla_ros.data.buffer import build_buffer, save_buffer
@@ -19,7 +21,7 @@ from quantvla_ros.quant.calibration import collect_expert_statistics
 from quantvla_ros.quant.config import method_config
 from quantvla_ros.quant.linear import QuantLinear
 
-from conftest import INSTRUCTIONS, observation
+from conftest import INSTRUCTIONS, STATE_DIM, observation
 
 pytestmark = pytest.mark.integration
 METHODS = ["quantvla", "rtn", "smoothquant", "duquant"]
@@ -267,3 +269,19 @@ def test_fidelity_refuses_a_folder_that_is_not_a_report(float_path, buffer_file,
     assert main([*args, "--out", str(report)]) == 2
     assert "already holds a fidelity report" in capsys.readouterr().err
     assert main([*args, "--out", str(report), "--overwrite"]) == 0
+
+
+def test_cuda_on_a_machine_without_it_is_one_sentence(float_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    frame = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frame)
+    state = ",".join(["0"] * STATE_DIM)
+    commands = [
+        ["quantize", "--checkpoint", str(float_path), "--method", "rtn", "--out", str(tmp_path / "x")],
+        ["predict", str(float_path), "--image", f"base_0_rgb={frame}", "--instruction", "go", "--state", state],
+    ]
+    for args in commands:
+        assert main([*args, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "Device 'cuda' is not available here" in err and "--device" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
