@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,12 +79,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from quantvla_ros.loader import load_policy
     from quantvla_ros.models.policy import Observation
 
-    policy = load_policy(args.path, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
+    # Arguments first: a typo should not wait for a model to load.
     try:
         state = np.array([float(v) for v in args.state.split(",")], np.float32)
     except ValueError:
         raise QuantVLAError(f"--state {args.state!r} must be comma-separated numbers.") from None
-    obs = Observation(images=dict(_read_image(s) for s in args.image), instruction=args.instruction, state=state)
+    images = dict(_read_image(s) for s in args.image)
+    policy = load_policy(args.path, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
+    obs = Observation(images=images, instruction=args.instruction, state=state)
     noise = None
     if args.seed is not None:
         cfg = policy.model.cfg
@@ -158,11 +161,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             f"--checkpoint {args.checkpoint} is already a quantized artifact; pass the float checkpoint."
         )
     check_output_folder(args.out, "--out", ARTIFACT_OUTPUT, args.overwrite)
+    buffer = None if args.calib is None else load_buffer(args.calib)
     policy = load_float_policy(args.checkpoint, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
-    buffer = None
     calibration = {}
-    if args.calib is not None:
-        buffer = load_buffer(args.calib)
+    if buffer is not None:
         buffer.check_matches(policy, str(args.calib))
         calibration = {
             "buffer": str(args.calib),
@@ -180,17 +182,19 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     from quantvla_ros.data.buffer import load_buffer
     from quantvla_ros.loader import load_policy
     from quantvla_ros.outputs import check_output_folder
+    from quantvla_ros.quant.artifact import is_artifact
     from quantvla_ros.quant.fidelity import REPORT_OUTPUT, fidelity, write_report
 
     check_output_folder(args.out, "--out", REPORT_OUTPUT, args.overwrite)
-    reference = load_policy(args.reference, device=args.device, asset_id=args.asset_id)
+    for path in args.candidate:
+        if not is_artifact(path):
+            raise QuantVLAError(f"--candidate {path} is not a quantized artifact (no quant_config.json).")
     buffer = load_buffer(args.buffer)
+    reference = load_policy(args.reference, device=args.device, asset_id=args.asset_id)
     buffer.check_matches(reference, f"--buffer {args.buffer}")
     rows = {}
     for path in args.candidate:
         candidate = load_policy(path, device=args.device)
-        if candidate.quant_config is None:
-            raise QuantVLAError(f"--candidate {path} is not a quantized artifact (no quant_config.json).")
         result = fidelity(reference, candidate, list(candidate.quant_config["modules"]), buffer, args.batch_size)
         rows[Path(path).name] = (result, candidate.quant_config)
     summary = write_report(rows, Path(args.out), args.overwrite)
@@ -410,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         # else is a bug and keeps its traceback.
         print(f"quantvla {command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`quantvla info pi05_full | head`): not an error. Point stdout at
+        # /dev/null so the interpreter's last flush does not raise again (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -46,9 +46,7 @@ def quantize_(
             f"Method {config.method!r} calibrates from data; pass a non-empty calibration buffer "
             "(or turn ATM/OHB off and use a transform that needs no activations)."
         )
-    names = config.layout.select(model)
-    if not names:
-        raise QuantVLAError(f"Layout {config.layout.name!r} selects no Linear layer of this model; check its patterns.")
+    names = config.layout.select_or_refuse(model)
     linear, seed = config.linear, config.seed
     absmax = {}
     if linear.needs_activation_stats:

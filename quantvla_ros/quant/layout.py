@@ -40,6 +40,13 @@ class Layout:
             and not any(p.fullmatch(name) for p in exclude)
         ]
 
+    def select_or_refuse(self, model: nn.Module) -> list[str]:
+        """select(), refusing a layout that selects nothing (a pattern that matches no module name)."""
+        names = self.select(model)
+        if not names:
+            raise QuantVLAError(f"Layout {self.name!r} selects no Linear layer of this model; check its patterns.")
+        return names
+
     def to_json(self) -> dict:
         return {
             "name": self.name,

@@ -19,7 +19,7 @@ def layout_memory(
     linear_layers = sum(isinstance(m, nn.Linear) for m in model.modules())
     model_bf16 = sum(2 * p.numel() for p in model.parameters())
     rows = []
-    for name in layout.select(model):
+    for name in layout.select_or_refuse(model):
         linear = model.get_submodule(name)
         with torch.device("meta"):
             empty = QuantLinear.empty(
