@@ -4,8 +4,10 @@
                           tensors) under each quantized module's name; every other tensor as in
                           the float checkpoint, α and β already folded into the float weights
     quant_config.json     method, bits, layout, per-module settings, α per head and β per layer
-                          for the record, calibration provenance, package version, and the
-                          SHA-256 of model.safetensors (a mismatch refuses to load)
+                          for the record, calibration provenance, package version, the
+                          SHA-256 of model.safetensors and a SHA-256 over this file's own
+                          contents (either mismatch refuses to load: the weights were made from
+                          these settings, so an edited file would load to no effect)
     config.json, tokenizer, normalization statistics   copied from the float checkpoint
 
 Because the rest of the folder is the float checkpoint's own layout (openpi or LeRobot),
@@ -36,8 +38,12 @@ from quantvla_ros.quant.api import QuantRecord
 from quantvla_ros.quant.convert import set_module
 from quantvla_ros.quant.linear import QuantLinear
 
-ARTIFACT_FORMAT = "quantvla-artifact/1"
+ARTIFACT_FORMAT = "quantvla-artifact/2"
+# Format 1 recorded only the weights' SHA-256; such artifacts still load, but an edit of their
+# quant_config.json cannot be detected.
+UNVERIFIED_FORMAT = "quantvla-artifact/1"
 QUANT_CONFIG = "quant_config.json"
+CONFIG_SHA256 = "quant_config_sha256"
 WEIGHTS = "model.safetensors"
 
 
@@ -54,6 +60,15 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def config_sha256(quant_config: dict) -> str:
+    """SHA-256 of the canonical JSON of everything in quant_config.json but this hash itself: the
+    method, bits, layout, per-module specs, α and β, provenance and the weights' own SHA-256. The
+    weights were made from exactly these settings, so an edit of any of them is refused, not
+    loaded to no effect."""
+    body = {k: v for k, v in quant_config.items() if k != CONFIG_SHA256}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def is_artifact(path: Path | str) -> bool:
@@ -102,6 +117,9 @@ def save_artifact(
             "weight_bytes": weight_bytes(model, list(record.modules)),
             "model_safetensors_sha256": sha256_file(staging / WEIGHTS),
         }
+        # Hashed as it will be read back: JSON turns tuples into lists.
+        quant_config = json.loads(json.dumps(quant_config))
+        quant_config[CONFIG_SHA256] = config_sha256(quant_config)
         write_json_atomic(staging / QUANT_CONFIG, quant_config)
     return out_dir
 
@@ -119,8 +137,14 @@ def read_quant_config(path: Path) -> dict:
         cfg = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file} is unreadable ({e}); re-run `quantvla quantize`.") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != ARTIFACT_FORMAT:
+    if not isinstance(cfg, dict) or cfg.get("format") not in (ARTIFACT_FORMAT, UNVERIFIED_FORMAT):
         raise CheckpointError(f"{file} is not a {ARTIFACT_FORMAT} quant config; re-run `quantvla quantize`.")
+    if cfg["format"] == ARTIFACT_FORMAT and cfg.get(CONFIG_SHA256) != config_sha256(cfg):
+        raise CheckpointError(
+            f"{file} was edited after `quantvla quantize` wrote it (it no longer matches its {CONFIG_SHA256}), "
+            "and the weights still follow the original settings; restore the file or quantize again with the "
+            "settings you want."
+        )
     return cfg
 
 

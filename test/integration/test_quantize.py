@@ -115,8 +115,50 @@ def test_corrupted_or_truncated_artifacts_refuse_to_load(float_path, buffer, tmp
         with pytest.raises(CheckpointError, match="does not match the SHA-256"):
             load_artifact(bad)
     (good / "quant_config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="is not a quantvla-artifact/1 quant config"):
+    with pytest.raises(CheckpointError, match="is not a quantvla-artifact/2 quant config"):
         load_artifact(good)
+
+
+def edit_quant_config(artifact: Path, edit) -> None:
+    qc = json.loads((artifact / "quant_config.json").read_text())
+    edit(qc)
+    (artifact / "quant_config.json").write_text(json.dumps(qc, indent=2))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda qc: qc.update(method="rtn"),
+        lambda qc: qc.update(w_bits=8),
+        lambda qc: qc["atm_ohb"]["alpha"][0].__setitem__(0, 1.25),
+        lambda qc: next(iter(qc["modules"].values())).update(w_bits=8),
+    ],
+    ids=["method", "bits", "alpha", "module"],
+)
+def test_an_edited_quant_config_refuses_to_load(float_path, buffer, tmp_path, edit):
+    policy = load_policy(float_path)
+    record = quantize_(policy.model, method_config("quantvla"), buffer, batch_size=6, progress=False)
+    artifact = save_artifact(policy.model, policy.info, record, tmp_path / "a")
+    load_artifact(artifact)
+    edit_quant_config(artifact, edit)
+    with pytest.raises(CheckpointError, match=r"quant_config\.json was edited after `quantvla quantize` wrote it"):
+        load_policy(artifact)
+
+
+def test_a_format_1_artifact_still_loads(float_path, tmp_path):
+    policy = load_policy(float_path)
+    record = quantize_(policy.model, method_config("rtn"), None, progress=False)
+    artifact = save_artifact(policy.model, policy.info, record, tmp_path / "v1")
+
+    def as_format_1(qc: dict) -> None:
+        qc.pop("quant_config_sha256")
+        qc["format"] = "quantvla-artifact/1"
+
+    edit_quant_config(artifact, as_format_1)
+    eps = noise(policy)
+    expected = policy.predict(observation(), eps).actions
+    actions = load_policy(artifact).predict(observation(), eps).actions
+    np.testing.assert_allclose(actions, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
 def test_methods_that_calibrate_refuse_to_run_without_data(float_path):
