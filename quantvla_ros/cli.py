@@ -37,6 +37,9 @@ def _family_and_config(path: str, asset_id: str | None = None) -> tuple:
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
+    from quantvla_ros.quant.artifact import is_artifact, read_quant_config
+    from quantvla_ros.quant.summary import quantization_summary
+
     family, cfg, info = _family_and_config(args.path, args.asset_id)
     summary = {"config": args.path}
     if info is not None:
@@ -59,7 +62,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         total_parameters=sum(counts.values()),
         bf16_weight_gib=round(2 * sum(counts.values()) / 2**30, 3),
     )
-    print(json.dumps(summary, indent=2))
+    if info is not None and is_artifact(info.path):
+        summary["quantization"] = quantization_summary(read_quant_config(info.path), model.LINEAR_GROUPS)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
 def _read_image(spec: str) -> tuple[str, np.ndarray]:
@@ -95,9 +100,36 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _layout(args: argparse.Namespace):
+    """--layout/--include/--exclude as a Layout, or None for the method's own."""
+    from quantvla_ros.quant.config import METHODS
     from quantvla_ros.quant.layout import get_layout
 
-    return get_layout(args.layout, args.include, args.exclude) if args.layout else None
+    if args.layout is None and not args.include and not args.exclude:
+        return None
+    name = args.layout or ("custom" if args.include else METHODS[args.method or "quantvla"].layout.name)
+    if args.include and name != "custom":
+        raise QuantVLAError(f"--include builds a custom layout, but --layout is {name}; pass --layout custom with it.")
+    return get_layout(name, args.include, args.exclude)
+
+
+def _quant_config(args: argparse.Namespace, **more):
+    """The QuantConfig the weight options name (method preset, then each given option), as `quantize`
+    writes and `layout` estimates it."""
+    from quantvla_ros.quant.config import method_config
+
+    return method_config(
+        args.method or "quantvla",
+        layout=_layout(args),
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        group_size=args.group_size,
+        transform=args.transform,
+        smoothquant_alpha=args.smoothquant_alpha,
+        duquant_rotation=args.duquant_rotation,
+        static_activations=True if args.static_activations else None,
+        duquant_smoothing=False if args.no_duquant_smoothing else None,
+        **more,
+    )
 
 
 def _size(n: int) -> str:
@@ -107,24 +139,40 @@ def _size(n: int) -> str:
 def cmd_layout(args: argparse.Namespace) -> None:
     import torch
 
-    from quantvla_ros.quant.layout import get_layout
-    from quantvla_ros.quant.memory import layout_memory
+    from quantvla_ros.quant.artifact import is_artifact, read_quant_config
+    from quantvla_ros.quant.memory import artifact_memory, layout_memory
 
+    given = [f"--{name.replace('_', '-')}" for name in WEIGHT_OPTIONS if getattr(args, name) not in (None, False)]
+    artifact = None
+    if is_artifact(args.checkpoint):
+        if given:
+            raise QuantVLAError(
+                f"{args.checkpoint} is an artifact, whose quantization is fixed; drop {', '.join(given)} "
+                "or pass its float checkpoint to estimate another."
+            )
+        artifact = read_quant_config(Path(args.checkpoint))
+    else:
+        config = _quant_config(args)
     family, cfg, _ = _family_and_config(args.checkpoint)
     with torch.device("meta"):
         model = family.build_model(cfg)
-    layout = get_layout(args.layout or "quantvla", args.include, args.exclude)
-    report = layout_memory(model, layout, args.w_bits, args.group_size, args.transform)
+    if artifact is not None:
+        report = artifact_memory(model, artifact)
+        method, bits, group = artifact["method"], f"W{artifact['w_bits']}A{artifact['a_bits']}", artifact["group_size"]
+    else:
+        report = layout_memory(model, config)
+        method, bits, group = config.method, config.linear.bits, config.linear.group_size
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, ensure_ascii=False))
         return
     for row in report["modules"]:
         print(f"{row['name']:<72} {row['out_features']:>6}x{row['in_features']:<6} {row['quantized_bytes']:>12,} B")
     print(
-        f"{report['layout']}: {len(report['modules'])} of {report['linear_layers']} Linear layers quantized to "
-        f"W{args.w_bits}{'' if args.group_size is None else f' g{args.group_size}'}; their weights "
+        f"{method}, layout {report['layout']}: {len(report['modules'])} of {report['linear_layers']} Linear layers "
+        f"quantized to {bits}{'' if group is None else f' g{group}'}; their weights "
         f"{_size(report['bf16_bytes'])} bf16 -> {_size(report['quantized_bytes'])} ({report['ratio']:.3f}x); "
         f"whole model {_size(report['model_bf16_bytes'])} -> {_size(report['model_quantized_bytes'])}"
+        + ("" if artifact is None else " (as the artifact stores them)")
     )
 
 
@@ -133,22 +181,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from quantvla_ros.models.policy import load_float_policy
     from quantvla_ros.outputs import check_output_folder
     from quantvla_ros.quant.api import quantize_
-    from quantvla_ros.quant.artifact import ARTIFACT_OUTPUT, is_artifact, save_artifact
-    from quantvla_ros.quant.config import method_config
+    from quantvla_ros.quant.artifact import ARTIFACT_OUTPUT, is_artifact, read_quant_config, save_artifact
+    from quantvla_ros.quant.summary import written_lines
 
-    config = method_config(
-        args.method,
-        layout=_layout(args),
-        w_bits=args.w_bits,
-        a_bits=args.a_bits,
-        group_size=args.group_size,
-        transform=args.transform,
-        smoothquant_alpha=args.smoothquant_alpha,
-        duquant_rotation=args.duquant_rotation,
+    config = _quant_config(
+        args,
         atm=False if args.no_atm else None,
         ohb=False if args.no_ohb else None,
-        static_activations=True if args.static_activations else None,
-        duquant_smoothing=False if args.no_duquant_smoothing else None,
         atm_clamp=args.atm_clamp,
         stat_pooling=args.stat_pooling,
         clamp_log=args.clamp_log,
@@ -175,7 +214,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         }
     record = quantize_(policy.model, config, buffer, batch_size=args.batch_size)
     out = save_artifact(policy.model, policy.info, record, Path(args.out), calibration, args.overwrite)
-    print(f"Wrote {out} ({config.method}, {config.linear.bits}, {len(record.modules)} quantized layers).")
+    print(written_lines(str(out), read_quant_config(out), policy.model.LINEAR_GROUPS))
 
 
 def cmd_fidelity(args: argparse.Namespace) -> None:
@@ -260,6 +299,47 @@ DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
 ASSET_HELP = "openpi asset folder or GR00T embodiment tag whose statistics to use (when there are several)"
 
 
+# The presets and transforms of quant/config.py (METHODS, TRANSFORMS), spelled out so building the
+# parser imports no torch; test/unit/test_cli_errors.py checks they agree.
+METHOD_NAMES = ("quantvla", "rtn", "smoothquant", "duquant")
+TRANSFORM_NAMES = ("none", "smoothquant", "duquant")
+# The options that decide what quantize stores, so layout estimates with the same vocabulary.
+WEIGHT_OPTIONS = (
+    "method",
+    "layout",
+    "include",
+    "exclude",
+    "w_bits",
+    "a_bits",
+    "group_size",
+    "transform",
+    "smoothquant_alpha",
+    "duquant_rotation",
+    "static_activations",
+    "no_duquant_smoothing",
+)
+
+
+def weight_options(p: argparse.ArgumentParser) -> None:
+    """WEIGHT_OPTIONS; unset ones keep the method preset's value."""
+    p.add_argument("--method", choices=METHOD_NAMES, help="preset (default quantvla); the options below refine it")
+    p.add_argument("--layout", help="quantvla | llm_only | expert_all | llm_and_expert_all | custom (preset's)")
+    p.add_argument("--include", action="append", help="module-name regex (with --layout custom)")
+    p.add_argument("--exclude", action="append", help="module-name regex to keep in float")
+    p.add_argument("--w-bits", type=int, choices=(4, 8), help="weight bits (preset: 4)")
+    p.add_argument("--a-bits", type=int, choices=(4, 8, 16), help="activation bits, 16 = float (preset: 8)")
+    p.add_argument("--group-size", type=int, help="per-group weight scales along K (64, 128)")
+    p.add_argument("--transform", choices=TRANSFORM_NAMES, help="input transform (preset's: duquant for quantvla)")
+    p.add_argument("--smoothquant-alpha", type=float, help="SmoothQuant migration strength (0.5)")
+    p.add_argument("--duquant-rotation", choices=("hadamard", "svd"), help="DuQuant block rotations")
+    p.add_argument(
+        "--static-activations", action="store_true", help="static per-channel activation scales (p99.9) from --calib"
+    )
+    p.add_argument(
+        "--no-duquant-smoothing", action="store_true", help="rotations and permutation only (the authors' code)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantvla",
@@ -284,41 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, help="fix the sampling noise")
     predict.set_defaults(func=cmd_predict)
 
-    def layout_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--layout", help="quantvla | llm_only | expert_all | llm_and_expert_all | custom")
-        p.add_argument("--include", action="append", help="module-name regex (custom layout)")
-        p.add_argument("--exclude", action="append", help="module-name regex to keep in float")
-        p.add_argument("--w-bits", type=int, default=4, choices=(4, 8))
-        p.add_argument("--group-size", type=int, help="per-group weight scales along K (64, 128)")
-
-    layout = sub.add_parser("layout", help="which modules a layout quantizes, and the memory before/after")
-    layout.add_argument("checkpoint", help="checkpoint folder, or pi0_full, pi05_full, groot_n1_5_full, smolvla_full")
-    layout_options(layout)
-    layout.add_argument(
-        "--transform",
-        choices=("smooth", "smooth+rotation1_signs+perm+rotation2_signs", "smooth+rotation1+perm+rotation2"),
-        help="count the tensors of an input transform: SmoothQuant, DuQuant (Hadamard), DuQuant (SVD)",
+    layout = sub.add_parser(
+        "layout", help="which Linears a quantization stores as integers, and the weight memory before/after"
     )
+    layout.add_argument(
+        "checkpoint",
+        help="float checkpoint (estimate what quantize would write), artifact (what it stores), or pi0_full, "
+        "pi05_full, groot_n1_5_full, smolvla_full",
+    )
+    weight_options(layout)
     layout.add_argument("--json", action="store_true")
     layout.set_defaults(func=cmd_layout)
 
     quantize = sub.add_parser("quantize", help="post-training quantization into a reusable artifact")
     quantize.add_argument("--checkpoint", required=True, help="float checkpoint folder")
     quantize.add_argument("--calib", help="calibration buffer (safetensors) for ATM/OHB and activation ranges")
-    quantize.add_argument("--method", default="quantvla", choices=("quantvla", "rtn", "smoothquant", "duquant"))
     quantize.add_argument("--out", required=True, help="artifact folder to write (new or empty)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --out")
-    layout_options(quantize)
-    quantize.add_argument("--a-bits", type=int, default=8, choices=(4, 8, 16))
-    quantize.add_argument("--transform", choices=("none", "smoothquant", "duquant"))
-    quantize.add_argument("--smoothquant-alpha", type=float, help="SmoothQuant migration strength (0.5)")
-    quantize.add_argument("--duquant-rotation", choices=("hadamard", "svd"), help="DuQuant block rotations")
-    quantize.add_argument(
-        "--static-activations", action="store_true", help="static per-channel activation scales (p99.9) from --calib"
-    )
-    quantize.add_argument(
-        "--no-duquant-smoothing", action="store_true", help="rotations and permutation only (the authors' code)"
-    )
+    weight_options(quantize)
     quantize.add_argument("--atm-clamp", choices=("log", "linear"), help="log ±0.3 (paper) or [0.7, 1.4] (code)")
     quantize.add_argument(
         "--stat-pooling", choices=("pooled", "per_call"), help="pooled moments, or the code's per-call average"
@@ -358,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--samples", type=int)
     calib.add_argument("--artifact", help="also quantize into this artifact folder")
     calib.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --artifact")
-    calib.add_argument("--method", choices=("quantvla", "rtn", "smoothquant", "duquant"))
+    calib.add_argument("--method", choices=METHOD_NAMES)
     calib.add_argument("--device", help=DEVICE_HELP)
     calib.add_argument("--asset-id", help=ASSET_HELP)
     calib.set_defaults(func=cmd_calibrate)

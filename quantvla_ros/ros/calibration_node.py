@@ -21,8 +21,9 @@ from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.models.policy import load_float_policy
 from quantvla_ros.outputs import check_output_folder
 from quantvla_ros.quant.api import quantize_
-from quantvla_ros.quant.artifact import ARTIFACT_OUTPUT, save_artifact
+from quantvla_ros.quant.artifact import ARTIFACT_OUTPUT, read_quant_config, save_artifact
 from quantvla_ros.quant.config import method_config
+from quantvla_ros.quant.summary import written_lines
 from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare, require
 from quantvla_ros.ros.policy_node import PARAMETERS, REQUIRED
@@ -71,7 +72,7 @@ def run_calibration(params: dict, log=print) -> dict:
         record = quantize_(policy.model, config, buffer, batch_size=int(params["batch_size"]))
         calibration = {"buffer": str(path), "samples": len(buffer), "sources": sources, "topics": topics}
         out = save_artifact(policy.model, policy.info, record, Path(params["artifact"]), calibration, overwrite)
-        log(f"Wrote {out}: {config.method} {config.linear.bits}, {len(record.modules)} quantized layers.")
+        log(written_lines(str(out), read_quant_config(out), policy.model.LINEAR_GROUPS))
         result["artifact"] = str(out)
     return result
 

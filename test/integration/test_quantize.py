@@ -327,3 +327,43 @@ def test_cuda_on_a_machine_without_it_is_one_sentence(float_path, tmp_path, caps
         err = capsys.readouterr().err
         assert "Device 'cuda' is not available here" in err and "--device" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_layout_estimates_what_the_default_quantize_writes(float_path, buffer_file, tmp_path, capsys):
+    out = tmp_path / "default"
+    assert main(["quantize", "--checkpoint", str(float_path), "--calib", str(buffer_file), "--out", str(out)]) == 0
+    written = capsys.readouterr().out
+    assert "quantvla W4A8" in written and "ATM: " in written and "heads outside the neutral band" in written
+    qc = json.loads((out / "quant_config.json").read_text())
+    assert main(["layout", str(float_path), "--json"]) == 0
+    estimate = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in estimate["modules"]] == list(qc["modules"])
+    # Layers whose output inference never reads get no calibrated smoothing vector (4 bytes per input).
+    unsmoothed = sum(4 * s["in_features"] for s in qc["modules"].values() if "smooth" not in s["transform_kind"])
+    assert estimate["quantized_bytes"] == qc["weight_bytes"]["quantized"] + unsmoothed
+    assert main(["layout", str(float_path), "--method", "rtn", "--w-bits", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ratio"] < 0.55
+
+
+def test_layout_and_info_of_an_artifact_report_its_own_quantization(float_path, buffer_file, tmp_path, capsys):
+    out = tmp_path / "w8a8"
+    args = ["quantize", "--checkpoint", str(float_path), "--calib", str(buffer_file), "--out", str(out)]
+    assert main([*args, "--w-bits", "8", "--a-bits", "8", "--layout", "llm_only"]) == 0
+    capsys.readouterr()
+    qc = json.loads((out / "quant_config.json").read_text())
+    assert main(["layout", str(float_path), "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)["linear_layers"]
+    assert main(["layout", str(out)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert f"quantvla, layout llm_only: {len(qc['modules'])} of {total} Linear layers quantized to W8A8" in last
+    assert main(["layout", str(out), "--w-bits", "4"]) == 2
+    assert "is an artifact, whose quantization is fixed; drop --w-bits" in capsys.readouterr().err
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "π0.5" in text and "\\u03c0" not in text
+    quant = json.loads(text)["quantization"]
+    assert quant["method"] == "quantvla" and quant["bits"] == "W8A8" and quant["layout"] == "llm_only"
+    assert quant["per_group"] == {"llm": len(qc["modules"])}
+    assert quant["atm_ohb"]["atm"]["heads"] == len(qc["atm_ohb"]["alpha"]) * len(qc["atm_ohb"]["alpha"][0])
+    assert quant["calibration"]["samples"] == 6 and quant["calibration"]["bags"] == ["synthetic"]
+    assert quant["ratio"] == pytest.approx(qc["weight_bytes"]["ratio"])

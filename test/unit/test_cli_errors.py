@@ -38,3 +38,9 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "cmd_info", bug)
     with pytest.raises(ValueError, match="could not be broadcast"):
         cli.main(["info", "/x"])
+
+
+def test_the_parser_spells_the_methods_and_transforms_of_quant_config():
+    from quantvla_ros.quant.config import METHODS, TRANSFORMS
+
+    assert cli.METHOD_NAMES == tuple(METHODS) and cli.TRANSFORM_NAMES == TRANSFORMS
