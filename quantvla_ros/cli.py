@@ -222,21 +222,24 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
     from quantvla_ros.loader import load_policy
     from quantvla_ros.outputs import check_output_folder
     from quantvla_ros.quant.artifact import is_artifact
-    from quantvla_ros.quant.fidelity import REPORT_OUTPUT, fidelity, write_report
+    from quantvla_ros.quant.fidelity import REPORT_OUTPUT, candidate_names, fidelity, start_report, write_report
 
-    check_output_folder(args.out, "--out", REPORT_OUTPUT, args.overwrite)
+    out = Path(args.out)
+    check_output_folder(out, "--out", REPORT_OUTPUT, args.overwrite)
     for path in args.candidate:
         if not is_artifact(path):
             raise QuantVLAError(f"--candidate {path} is not a quantized artifact (no quant_config.json).")
     buffer = load_buffer(args.buffer)
     reference = load_policy(args.reference, device=args.device, asset_id=args.asset_id)
     buffer.check_matches(reference, f"--buffer {args.buffer}")
+    start_report(out, args.overwrite)
     rows = {}
-    for path in args.candidate:
+    for name, path in zip(candidate_names(args.candidate), args.candidate, strict=True):
         candidate = load_policy(path, device=args.device)
-        result = fidelity(reference, candidate, list(candidate.quant_config["modules"]), buffer, args.batch_size)
-        rows[Path(path).name] = (result, candidate.quant_config)
-    summary = write_report(rows, Path(args.out), args.overwrite)
+        modules = list(candidate.quant_config["modules"])
+        result = fidelity(reference, candidate, modules, buffer, args.batch_size, desc=f"fidelity {name}")
+        rows[name] = (result, candidate.quant_config)
+        summary = write_report(rows, reference.model, out)
     print(summary.read_text())
 
 

@@ -14,13 +14,16 @@ from collections.abc import Iterable
 import numpy as np
 
 
+def group_of(groups: dict[str, str], name: str) -> str:
+    """The Linear group (LINEAR_GROUPS) a module belongs to; `other` for one a custom pattern added."""
+    return next((g for g, pattern in groups.items() if re.fullmatch(pattern, name)), "other")
+
+
 def group_counts(groups: dict[str, str], names: Iterable[str]) -> dict[str, int]:
-    """Quantized modules per Linear group of the family (its LINEAR_GROUPS regexes); modules a
-    custom pattern added outside every group count as `other`."""
-    counts = dict.fromkeys(groups, 0)
+    """Quantized modules per Linear group of the family."""
+    counts = dict.fromkeys([*groups, "other"], 0)
     for name in names:
-        group = next((g for g, pattern in groups.items() if re.fullmatch(pattern, name)), "other")
-        counts[group] = counts.get(group, 0) + 1
+        counts[group_of(groups, name)] += 1
     return {g: n for g, n in counts.items() if n}
 
 

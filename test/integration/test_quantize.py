@@ -13,8 +13,10 @@ from PIL import Image
 
 from quantvla_ros.cli import main
 from quantvla_ros.data.buffer import build_buffer, save_buffer
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.common.checkpoint import CheckpointError
+from quantvla_ros.quant import fidelity as fidelity_module
 from quantvla_ros.quant.api import quantize_
 from quantvla_ros.quant.artifact import load_artifact, save_artifact
 from quantvla_ros.quant.calibration import collect_expert_statistics
@@ -367,3 +369,37 @@ def test_layout_and_info_of_an_artifact_report_its_own_quantization(float_path, 
     assert quant["atm_ohb"]["atm"]["heads"] == len(qc["atm_ohb"]["alpha"]) * len(qc["atm_ohb"]["alpha"][0])
     assert quant["calibration"]["samples"] == 6 and quant["calibration"]["bags"] == ["synthetic"]
     assert quant["ratio"] == pytest.approx(qc["weight_bytes"]["ratio"])
+
+
+def test_fidelity_keeps_same_named_candidates_apart_and_writes_each_as_it_finishes(
+    float_path, buffer_file, tmp_path, capsys, monkeypatch
+):
+    candidates = []
+    for parent, method in (("runs_a", "rtn"), ("runs_b", "smoothquant")):
+        out = tmp_path / parent / "w4"
+        args = ["quantize", "--checkpoint", str(float_path), "--calib", str(buffer_file), "--out", str(out)]
+        assert main([*args, "--method", method]) == 0
+        candidates += ["--candidate", str(out)]
+    report = tmp_path / "report"
+    args = ["fidelity", "--reference", str(float_path), "--buffer", str(buffer_file), "--out", str(report)]
+    assert main([*args, *candidates]) == 0
+    err = capsys.readouterr().err
+    assert "fidelity runs_a__w4" in err and "fidelity runs_b__w4" in err
+    summary = (report / "summary.md").read_text()
+    assert "| runs_a__w4 | rtn |" in summary and "| runs_b__w4 | smoothquant |" in summary
+    assert (report / "sqnr_comparison.png").stat().st_size > 1000
+    assert (report / "runs_b__w4_layer_sqnr.png").stat().st_size > 1000
+
+    real = fidelity_module.fidelity
+    calls = []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise QuantVLAError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(fidelity_module, "fidelity", second_fails)
+    assert main([*args, *candidates, "--overwrite"]) == 2
+    assert json.loads((report / "runs_a__w4.json").read_text())["quant_config"]["method"] == "rtn"
+    assert "runs_a__w4" in (report / "summary.md").read_text() and not (report / "runs_b__w4.json").exists()
