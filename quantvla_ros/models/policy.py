@@ -110,6 +110,7 @@ class Policy:
             "state_dim": self.state_dim,
             "state_norm": self.info.state_norm,
             "state_stats_sha256": stats.hexdigest(),
+            "robot_adapter": None if self.info.adapter is None else self.info.adapter.name,
             **self.processor.signature(),
         }
 
@@ -135,7 +136,9 @@ class Policy:
             raise QuantVLAError(f"The state has {state.shape[0]} values; this model takes at most {cfg.max_state_dim}.")
         if not np.all(np.isfinite(state)):
             raise QuantVLAError("The state contains NaN or Inf; refusing to run the policy on it.")
+        state = self._adapt("state", state, normalized=False)
         state_norm = self._state_norm.normalize(state) if self._state_norm else state
+        state_norm = self._adapt("state", state_norm, normalized=True)
         tokens, token_mask = self.processor.prompt(obs.instruction, state_norm)
         dev = self.device
         return ModelInputs(
@@ -165,9 +168,19 @@ class Policy:
 
     def predict(self, obs: Observation, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:
         actions = self.sample(self.prepare(obs), noise)[0, :, : self.action_dim].cpu().numpy()
+        actions = self._adapt("actions", actions, normalized=True)
         if self._action_norm:
             actions = self._action_norm.unnormalize(actions)
+        actions = self._adapt("actions", actions, normalized=False)
         return ActionChunk(actions=actions.astype(np.float32), dt=self.action_dt)
+
+    def _adapt(self, what: str, values: np.ndarray, normalized: bool) -> np.ndarray:
+        """The checkpoint's robot adapter on the state or the actions, at the side of the
+        (un)normalization where its training pipeline applied it."""
+        adapter = self.info.adapter
+        if adapter is None or adapter.normalized != normalized:
+            return values
+        return getattr(adapter, what)(values)
 
 
 def _normalizer(mode, stats, eps, info: CheckpointInfo, what: str) -> Normalizer | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -37,6 +39,19 @@ class CheckpointError(QuantVLAError):
     """A checkpoint that cannot be used as it is; the message names the file or key."""
 
 
+@dataclass(frozen=True)
+class RobotAdapter:
+    """A conversion between the robot's units and the ones the model was trained in, which a
+    checkpoint's config asks for (LeRobot's `adapt_to_pi_aloha`). `normalized` says where the
+    training pipeline applied it: to normalized values (after the state's normalization, before
+    the actions' un-normalization) or to robot units."""
+
+    name: str
+    state: Callable[[np.ndarray], np.ndarray]  # robot -> model, on one state vector
+    actions: Callable[[np.ndarray], np.ndarray]  # model -> robot, on [horizon, action_dim]
+    normalized: bool
+
+
 @dataclass
 class CheckpointInfo:
     """Everything about a checkpoint except its weights."""
@@ -51,6 +66,7 @@ class CheckpointInfo:
     action_dim: int | None  # robot units after slicing; None = all model dims
     norm_eps: float
     asset_id: str | None = None  # openpi asset / GR00T embodiment tag the statistics belong to
+    adapter: RobotAdapter | None = None
 
 
 def read_json(path: Path) -> dict:
