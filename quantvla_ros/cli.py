@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.seed is not None:
         cfg = policy.model.cfg
         noise = np.random.default_rng(args.seed).standard_normal((cfg.action_horizon, cfg.action_dim))
-    print(json.dumps({"actions": policy.predict(obs, noise).actions.round(6).tolist()}))
+    start = time.perf_counter()
+    chunk = policy.predict(obs, noise)
+    latency_ms = 1e3 * (time.perf_counter() - start)
+    out = {"model": policy.model.display_name, "device": str(policy.device), "latency_ms": round(latency_ms, 2)}
+    if policy.info.action_names is not None:
+        out["action_names"] = list(policy.info.action_names)
+    out.update(dt=chunk.dt, actions=chunk.actions.round(6).tolist())
+    print(json.dumps(out, ensure_ascii=False))
 
 
 def _layout(args: argparse.Namespace):
@@ -262,7 +270,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         "device": args.device,
         "asset_id": args.asset_id,
         "overwrite": True if args.overwrite else None,
+        "w_bits": args.w_bits,
+        "a_bits": args.a_bits,
     }
+    if not (args.artifact or params.get("artifact")) and (args.w_bits or args.a_bits):
+        raise QuantVLAError("--w-bits and --a-bits set the artifact's bits; pass --artifact (or drop them).")
     params.update({k: v for k, v in overrides.items() if v is not None})
     run_calibration(params)
 
@@ -344,11 +356,7 @@ def weight_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="quantvla",
-        description="Quantized VLA policies for ROS 2.",
-        epilog="also: " + "; ".join(f"{name}: {text}" for name, (_, text) in PASSTHROUGH.items()),
-    )
+    parser = argparse.ArgumentParser(prog="quantvla", description="Quantized VLA policies for ROS 2.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="describe a checkpoint folder, or a published model at full size")
@@ -357,12 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     predict = sub.add_parser("predict", help="run a policy once on image files, an instruction and a state")
-    predict.add_argument("path")
-    predict.add_argument("--image", action="append", required=True, metavar="CAMERA=FILE")
-    predict.add_argument("--instruction", required=True)
-    predict.add_argument("--state", required=True, help="comma-separated robot state")
+    predict.add_argument("path", help="float checkpoint folder or quantized artifact")
+    predict.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        metavar="CAMERA=FILE",
+        help="an image file for one of the policy's cameras (repeat per camera; `quantvla info` lists them)",
+    )
+    predict.add_argument("--instruction", required=True, help="the task in words, e.g. 'pick up the cup'")
+    predict.add_argument("--state", required=True, help="comma-separated robot state in robot units")
     predict.add_argument("--device", default="auto", help=DEVICE_HELP)
-    predict.add_argument("--dtype", choices=DTYPES)
+    predict.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     predict.add_argument("--asset-id", help=ASSET_HELP)
     predict.add_argument("--seed", type=int, help="fix the sampling noise")
     predict.set_defaults(func=cmd_predict)
@@ -419,12 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--params-file", action="append", required=True, help="ROS 2 params YAML (policy.yaml, then calibration.yaml)"
     )
     calib.add_argument("--policy-path", help="float checkpoint folder")
-    calib.add_argument("--bags", nargs="+", help="rosbag2 folders or ROS 1 .bag files")
+    calib.add_argument("--bags", nargs="+", help="rosbag2 folders, ROS 1 .bag files, or folders of them")
     calib.add_argument("--buffer", help="calibration buffer to write")
     calib.add_argument("--samples", type=int)
     calib.add_argument("--artifact", help="also quantize into this artifact folder")
     calib.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --artifact")
     calib.add_argument("--method", choices=METHOD_NAMES)
+    calib.add_argument("--w-bits", type=int, choices=(4, 8), help="the artifact's weight bits (params file: 4)")
+    calib.add_argument("--a-bits", type=int, choices=(4, 8, 16), help="the artifact's activation bits (params file: 8)")
     calib.add_argument("--device", help=DEVICE_HELP)
     calib.add_argument("--asset-id", help=ASSET_HELP)
     calib.set_defaults(func=cmd_calibrate)
@@ -449,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="build/demo")
     demo.add_argument("--episodes", type=int, default=2, help="per task and policy")
     demo.set_defaults(func=cmd_demo)
+    for name, (_, text) in PASSTHROUGH.items():
+        # Listed here; main() hands their arguments to their own parser (`quantvla record-demos --help`).
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -465,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         command = argv[0]
 
         def run() -> None:
-            importlib.import_module(PASSTHROUGH[command][0]).main(argv[1:])
+            importlib.import_module(PASSTHROUGH[command][0]).main(argv[1:], prog=f"quantvla {command}")
     else:
         args = build_parser().parse_args(argv)
         command = args.command

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from torch import nn
-from tqdm import tqdm
 
+from quantvla_ros.progress import Progress as tqdm
 from quantvla_ros.quant.config import LinearConfig
 from quantvla_ros.quant.linear import QuantLinear
 from quantvla_ros.quant.plan import LayerPlan

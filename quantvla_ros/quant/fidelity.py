@@ -29,11 +29,11 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from torch import nn
-from tqdm import tqdm
 
 from quantvla_ros.atomic import atomic_path, write_bytes_atomic, write_json_atomic
 from quantvla_ros.models.policy import CalibrationSource, Policy
 from quantvla_ros.outputs import OutputKind, check_output_folder, only_entries
+from quantvla_ros.progress import Progress as tqdm
 from quantvla_ros.quant.statistics import sample_noise
 from quantvla_ros.quant.summary import atm_ohb_summary, group_of
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
 from quantvla_ros.atomic import atomic_dir
 from quantvla_ros.outputs import OutputKind, check_output_folder
+from quantvla_ros.progress import Progress as tqdm
 from quantvla_ros.sim.env import SimEnv
 from quantvla_ros.sim.tasks import ACTION_NAMES, DEFAULT_TASKS, INSTRUCTIONS, STATE_NAMES
 
@@ -163,8 +163,10 @@ def _write(writer: Writer, conns: dict, msg, topic: str, ns: int) -> None:
     writer.write(conns[topic], ns, TYPESTORE.serialize_cdr(msg, TOPICS[topic]))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Record scripted MetaWorld expert demos as rosbag2 (mcap) bags.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Record scripted MetaWorld expert demos as rosbag2 (mcap) bags."
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder that receives one bag per task")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(INSTRUCTIONS))
     parser.add_argument("--episodes", type=int, default=40, help="successful episodes per task")

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
 from quantvla_ros.atomic import atomic_dir, write_json_atomic
+from quantvla_ros.data.bags import expand_bags
 from quantvla_ros.data.messages import image_to_rgb, joint_positions
 from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.gemma import GemmaConfig
@@ -48,6 +48,7 @@ from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.models.pi0.processor import resize_with_pad, tokenize_prompt
 from quantvla_ros.models.policy import Observation, Policy, load_float_policy
 from quantvla_ros.outputs import OutputKind, check_output_folder
+from quantvla_ros.progress import Progress as tqdm
 from quantvla_ros.sim.tasks import ACTION_NAMES, CONTROL_DT, STATE_NAMES
 
 ASSET_ID = "metaworld"
@@ -242,7 +243,7 @@ def train(
     """Train on the bags under `bags` into the checkpoint folder `out`: a new or empty folder, or
     (with `overwrite`) a checkpoint this function wrote before; nothing else is ever replaced."""
     check_output_folder(out, "--out", DEMO_CHECKPOINT, overwrite)
-    bag_dirs = sorted(p.parent for p in Path(bags).glob("*/metadata.yaml")) or [Path(bags)]
+    bag_dirs = expand_bags([Path(bags)])
     episodes = read_episodes(bag_dirs)
     if not episodes:
         raise QuantVLAError(f"No demo episodes found in {bags}; record some with quantvla_ros.sim.demos.")
@@ -311,8 +312,8 @@ def _save(model: PI0Model, out: Path, policy: Policy, log: dict) -> None:
     model.train()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the small π0.5 demo policy on MetaWorld demo bags.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Train the small π0.5 demo policy on MetaWorld demo bags.")
     parser.add_argument("--bags", type=Path, required=True, help="a bag folder or a folder of bags")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (openpi layout)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint train-demo wrote at --out")

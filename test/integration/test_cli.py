@@ -3,12 +3,17 @@ anything slow runs, and a reader that stops early is not an error."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from quantvla_ros.cli import main
+
+from conftest import ACTION_DIM, STATE_DIM
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +58,25 @@ def test_fidelity_checks_its_candidates_before_loading_the_reference(checkpoints
     args = ["fidelity", "--reference", str(tmp_path / "nope"), "--buffer", str(tmp_path / "b.safetensors")]
     assert main([*args, "--candidate", str(float_path), "--out", str(tmp_path / "report")]) == 2
     assert f"--candidate {float_path} is not a quantized artifact" in capsys.readouterr().err
+
+
+def test_every_command_is_listed_with_its_own_usage_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert "record-demos" in listing and "train-demo" in listing
+    for command in ("record-demos", "train-demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert capsys.readouterr().out.startswith(f"usage: quantvla {command} [-h]")
+
+
+def test_predict_prints_latency_and_dt_in_utf8(checkpoints, tmp_path, capsys):
+    frame = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frame)
+    args = ["predict", str(checkpoints[(True, "openpi")]), "--image", f"base_0_rgb={frame}", "--instruction", "go"]
+    assert main([*args, "--state", ",".join(["0"] * STATE_DIM), "--seed", "0"]) == 0
+    text = capsys.readouterr().out
+    out = json.loads(text)
+    assert out["model"] == "π0.5" and "\\u03c0" not in text and out["latency_ms"] > 0 and out["device"] == "cpu"
+    assert len(out["actions"][0]) == ACTION_DIM and "action_names" not in out  # this checkpoint names none

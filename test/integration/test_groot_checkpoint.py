@@ -98,6 +98,10 @@ def test_statistics_are_concatenated_in_modality_order(checkpoints, name):
             np.testing.assert_array_equal(getattr(info.norm_stats[name_], stat), expected)
 
 
+def test_nvidia_metadata_names_each_action_dimension(checkpoints):
+    assert read_checkpoint(checkpoints["nvidia"]).action_names == ("arm[0]", "arm[1]", "arm[2]", "gripper")
+
+
 def rewrite_weights(path: Path, change) -> None:
     tensors = load_file(str(path / "model.safetensors"))
     change(tensors)

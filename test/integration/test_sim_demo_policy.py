@@ -46,4 +46,6 @@ def test_eval_sim_writes_results_only_into_a_results_folder(tmp_path, capsys):
     assert main([*args, "--out", str(results)]) == 2
     assert "already holds evaluation results; pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--out", str(results), "--overwrite"]) == 0
-    assert json.loads((results / "results.json").read_text())["episodes"] == 1
+    result = json.loads((results / "results.json").read_text())
+    assert result["episodes"] == 1 and result["policy_latency_p50_ms"] > 0 and result["via"] == "in-process"
+    assert "Policy latency p50 (in-process)" in (results / "results.md").read_text()

@@ -67,6 +67,7 @@ class CheckpointInfo:
     norm_eps: float
     asset_id: str | None = None  # openpi asset / GR00T embodiment tag the statistics belong to
     adapter: RobotAdapter | None = None
+    action_names: tuple[str, ...] | None = None  # where the checkpoint names its action dimensions
 
 
 def read_json(path: Path) -> dict:
