@@ -9,15 +9,17 @@ fused with the activation quantization (fuses_transform). Nothing here knows abo
 
 from .dispatch import fuses_transform, quantized_matmul, uses_triton
 from .packing import pack_int4, unpack_int4
-from .quantize import quantize_per_channel, quantize_per_token
-from .reference import int_matmul, scaled_int_matmul, w4a4_linear, w4a8_linear, w8a8_linear
+from .quantize import quantize_per_channel, quantize_per_token, quantize_per_token_asym
+from .reference import code_sums, int_matmul, scaled_int_matmul, w4a4_linear, w4a8_linear, w8a8_linear
 
 __all__ = [
+    "code_sums",
     "fuses_transform",
     "int_matmul",
     "pack_int4",
     "quantize_per_channel",
     "quantize_per_token",
+    "quantize_per_token_asym",
     "quantized_matmul",
     "scaled_int_matmul",
     "unpack_int4",

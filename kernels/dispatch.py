@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from .packing import unpack_int4
-from .quantize import quantize_per_channel, quantize_per_token
+from .quantize import quantize_per_channel, quantize_per_token, quantize_per_token_asym
 from .reference import scaled_int_matmul
 
 
@@ -26,6 +26,9 @@ class QuantizedLayer(Protocol):
     weight_scale: torch.Tensor  # float32 [N], or [N, K / group_size]
     bias: torch.Tensor | None  # float [N]
     input_scale: torch.Tensor | None  # float32 [K] static activation scales, or None for per-token
+    # int32 code sums (reference.code_sums, shaped as weight_scale) when activations are quantized
+    # per token with a zero point; None when they are symmetric.
+    weight_sum: torch.Tensor | None
     in_features: int
     w_bits: int  # 4 or 8
     a_bits: int  # 4 or 8
@@ -80,7 +83,10 @@ def fuses_transform(x: torch.Tensor, layer: QuantizedLayer) -> bool:
 def quantized_matmul(
     x: torch.Tensor, layer: QuantizedLayer, out_dtype: torch.dtype, fuse_transform: bool = False
 ) -> torch.Tensor:
-    """x float [M, K] -> quantize activations (per token, or static per channel) -> integer GEMM -> [M, N] out_dtype.
+    """x float [M, K] -> quantize activations -> integer GEMM -> [M, N] out_dtype.
+
+    Activations are quantized per token, symmetrically or with a zero point (layer.weight_sum set),
+    or with the layer's static per-channel scales.
 
     CUDA tensors go through the Triton kernels (when triton is installed and the layer's
     group_size is a power of two >= 32); everything else through the exact reference.
@@ -102,12 +108,17 @@ def quantized_matmul(
         )
     if uses_triton(x, layer):
         return _triton_matmul(x, layer, out_dtype, fuse_transform)
-    if layer.input_scale is None:
-        a_q, a_scale = quantize_per_token(x, layer.a_bits)
-    else:
+    a_zero = None
+    if layer.input_scale is not None:
         a_q, a_scale = quantize_per_channel(x, layer.input_scale, layer.a_bits)
+    elif layer.weight_sum is not None:
+        a_q, a_scale, a_zero = quantize_per_token_asym(x, layer.a_bits)
+    else:
+        a_q, a_scale = quantize_per_token(x, layer.a_bits)
     w_q = unpack_int4(layer.weight_packed, layer.in_features) if layer.w_bits == 4 else layer.weight_packed
-    return scaled_int_matmul(a_q, a_scale, w_q, layer.weight_scale, layer.group_size, layer.bias, out_dtype)
+    return scaled_int_matmul(
+        a_q, a_scale, w_q, layer.weight_scale, layer.group_size, layer.bias, out_dtype, a_zero, layer.weight_sum
+    )
 
 
 def _triton_matmul(
@@ -118,10 +129,14 @@ def _triton_matmul(
         raise ModuleNotFoundError("quantized_matmul: the Triton path needs triton, which is not installed.")
     triton_quant, triton_transform, triton_gemm = modules
     steps = [getattr(layer, f"input_{n}", None) for n in _FUSED_STEPS] if fuse_transform else []
+    asymmetric = layer.weight_sum is not None
     if any(t is not None for t in steps):
-        a_q, a_scale = triton_transform.transform_quantize_rows(x, layer.a_bits, *steps, layer.input_scale)
+        a_q, a_scale, a_zero = triton_transform.transform_quantize_rows(
+            x, layer.a_bits, *steps, layer.input_scale, asymmetric=asymmetric
+        )
     else:
-        a_q, a_scale = triton_quant.quantize_rows(x, layer.a_bits, layer.input_scale)
+        a_q, a_scale, a_zero = triton_quant.quantize_rows(x, layer.a_bits, layer.input_scale, asymmetric=asymmetric)
     return triton_gemm.scaled_int_gemm(
-        a_q, a_scale, layer.weight_packed, layer.weight_scale, layer.w_bits, layer.group_size, layer.bias, out_dtype
-    )
+        a_q, a_scale, layer.weight_packed, layer.weight_scale, layer.w_bits, layer.group_size, layer.bias, out_dtype,
+        a_zero=a_zero, w_sum=layer.weight_sum,
+    )  # fmt: skip

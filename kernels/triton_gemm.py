@@ -4,7 +4,9 @@ A is int8 [M, K] (int8 activations, or int4 values -7..7 in int8 for W4A4: Hoppe
 MMA). W is [N, K] with K contiguous, as nn.Linear stores it: int8, or uint8 [N, K / 2] packed
 by packing.pack_int4 and sign-extended to int8 in registers. The epilogue follows
 reference.scaled_int_matmul: acc_w = sum over groups of int32_partial_g * w_scale_g, then
-y = acc_w * a_scale + bias, rounded once to the output dtype.
+y = acc_w * a_scale + bias, rounded once to the output dtype. With asymmetric activations each
+group's int32 partial first loses zero_m * w_sum_g (the row's zero point times the precomputed
+sum of that group's weight codes), in int32, exactly as the reference.
 
 Split-K cuts K into SPLIT_K slices (grid axis 1) for small-M shapes whose output tiles alone
 cannot fill the GPU. Each slice writes its partial tile to a workspace; the last slice to finish
@@ -18,6 +20,7 @@ group spans whole K blocks, and int8 MMAs consume K in steps of 32); K < 2**17 (
 import torch
 
 from ._triton import check_device, interpreted, tl, triton
+from .reference import check_zero_point
 
 _MAX_K = 2**17 - 1  # int32 holds K products of magnitude up to 2**14 only while K < 2**17
 
@@ -59,13 +62,23 @@ def _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, M, N, stride_am, stride_wn, k_sta
 
 
 @triton.jit
-def _epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm,
-              RAW: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+def _zero_point_correction(zero_ptr, wsum_ptr, offs_m, offs_n, M, N, stride_sn):
+    """zero_m * w_sum_n over a tile, int32: what the zero point adds to an asymmetric row's sum."""
+    zero = tl.load(zero_ptr + offs_m, mask=offs_m < M, other=0)
+    return zero[:, None] * tl.load(wsum_ptr + offs_n * stride_sn, mask=offs_n < N, other=0)[None, :]
+
+
+@triton.jit
+def _epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zero_ptr, wsum_ptr, offs_m, offs_n, M, N,
+              stride_cm, RAW: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ZERO: tl.constexpr):  # fmt: skip
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if RAW:
         y = acc
     else:
         if GROUP == 0:
+            if ZERO:
+                acc = acc - _zero_point_correction(zero_ptr, wsum_ptr, offs_m, offs_n, M, N, 1)
             w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             y = acc.to(tl.float32) * w_scale[None, :]
         else:
@@ -79,10 +92,10 @@ def _epilogue(acc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M,
 # M changes with the prompt, so it is not specialized on: one compiled kernel serves every M.
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(
-    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, ws_ptr, lock_ptr,
+    a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zero_ptr, wsum_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_am, stride_wn, stride_cm, stride_sn, stride_ws,
     W4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, SPLIT_K: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Tiles run in column bands GROUP_M tiles tall, so neighbouring programs share W in L2.
     pid = tl.program_id(0)
@@ -109,13 +122,15 @@ def _gemm_kernel(
         part = tl.full((BM, BN), 0, tl.float32)
         for g0 in range(k_start, k_end, GROUP):
             acc = _dot_k_range(a_ptr, w_ptr, offs_m, offs_n, M, N, stride_am, stride_wn, g0, g0 + GROUP, W4, BM, BN, BK)
+            if ZERO:
+                # w_sum [N, K / GROUP] has w_scale's layout: the group's column.
+                acc = acc - _zero_point_correction(zero_ptr, wsum_ptr + g0 // GROUP, offs_m, offs_n, M, N, stride_sn)
             w_scale = tl.load(w_scale_ptr + offs_n * stride_sn + g0 // GROUP, mask=offs_n < N, other=0.0)
             part += acc.to(tl.float32) * w_scale.to(tl.float32)[None, :]
 
     if SPLIT_K == 1:
-        _epilogue(
-            part, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, RAW, GROUP, HAS_BIAS
-        )
+        _epilogue(part, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zero_ptr, wsum_ptr, offs_m, offs_n, M, N,
+                  stride_cm, RAW, GROUP, HAS_BIAS, ZERO)  # fmt: skip
     else:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tile = offs_m[:, None] * N + offs_n[None, :]
@@ -129,8 +144,8 @@ def _gemm_kernel(
             total = tl.full((BM, BN), 0, ws_ptr.dtype.element_ty)
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + s * stride_ws + tile, mask=mask, other=0, cache_modifier=".cg")
-            _epilogue(total, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm,
-                      RAW, GROUP, HAS_BIAS)  # fmt: skip
+            _epilogue(total, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, zero_ptr, wsum_ptr, offs_m, offs_n, M, N,
+                      stride_cm, RAW, GROUP, HAS_BIAS, ZERO)  # fmt: skip
             # Rearm the counter for the next launch, so the buffer is zeroed only once.
             tl.atomic_xchg(lock_ptr + pid, 0)
 
@@ -169,7 +184,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 # benchmark after bench/gemm.py on the same machine) skips the minutes of tuning.
 _tuned = triton.autotune(
     configs=_configs(),
-    key=["M", "N", "K", "W4", "GROUP", "RAW", "SPLIT_K"],
+    key=["M", "N", "K", "W4", "GROUP", "RAW", "SPLIT_K", "ZERO"],
     prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
 )(_gemm_kernel)
@@ -235,7 +250,9 @@ def _check_config(fn: str, config: dict, group_size: int | None) -> dict:
     return config
 
 
-def _launch(fn, a_q, w, out, a_scale, w_scale, bias, w_bits, group_size, raw, split_k, config) -> torch.Tensor:
+def _launch(
+    fn, a_q, w, out, a_scale, w_scale, bias, a_zero, w_sum, w_bits, group_size, raw, split_k, config
+) -> torch.Tensor:
     (m, k), n = a_q.shape, w.shape[0]
     if split_k is None:
         split_k = pick_split_k(m, n, k, group_size, a_q.device)
@@ -258,11 +275,14 @@ def _launch(fn, a_q, w, out, a_scale, w_scale, bias, w_bits, group_size, raw, sp
         locks = _split_k_counters(a_q.device, triton.cdiv(m, bm) * triton.cdiv(n, bn))
     args = (
         a_q, w, out, out if a_scale is None else a_scale, out if w_scale is None else w_scale,
-        out if bias is None else bias, ws, locks,
+        out if bias is None else bias, out if a_zero is None else a_zero, out if w_sum is None else w_sum, ws, locks,
         m, n, k, a_q.stride(0), w.stride(0), out.stride(0), 0 if w_scale is None else w_scale.stride(0),
         ws.stride(0) if split_k > 1 else 0,
     )  # fmt: skip
-    meta = {"W4": w_bits == 4, "GROUP": group_size or 0, "HAS_BIAS": bias is not None, "RAW": raw, "SPLIT_K": split_k}
+    meta = {
+        "W4": w_bits == 4, "GROUP": group_size or 0, "HAS_BIAS": bias is not None, "RAW": raw, "SPLIT_K": split_k,
+        "ZERO": a_zero is not None,
+    }  # fmt: skip
     # No multiply-add fusion: the reference rounds after every float32 multiply and add, and so
     # the epilogue's output is bit-identical to it (but for split-K with group scales, which adds
     # the groups in another order).
@@ -291,7 +311,7 @@ def int_gemm(
         out = torch.empty(m, n, dtype=torch.int32, device=a_q.device)
     elif out.shape != (m, n) or out.dtype != torch.int32:
         raise ValueError(f"int_gemm: out must be int32 [{m}, {n}], got {out.dtype} {tuple(out.shape)}.")
-    return _launch("int_gemm", a_q, w, out, None, None, None, w_bits, None, True, split_k, config)
+    return _launch("int_gemm", a_q, w, out, None, None, None, None, None, w_bits, None, True, split_k, config)
 
 
 def scaled_int_gemm(
@@ -306,10 +326,14 @@ def scaled_int_gemm(
     split_k: int | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    a_zero: torch.Tensor | None = None,
+    w_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(a_q * a_scale) @ (unpack(w) * w_scale).T + bias as [M, N] out_dtype, as reference.scaled_int_matmul.
+    """((a_q - a_zero) * a_scale) @ (unpack(w) * w_scale).T + bias as [M, N] out_dtype, as
+    reference.scaled_int_matmul.
 
     a_scale float [M, 1]; w_scale float [N] (per channel) or [N, K / group_size]; bias float [N].
+    a_zero int32 [M, 1] and w_sum int32 shaped as w_scale (reference.code_sums): asymmetric activations.
     split_k: slices of K (None picks one from the shape, see pick_split_k). out: preallocated output.
     config: fixed tiles {BM, BN, BK[, GROUP_M, num_warps, num_stages]} instead of the autotuner's
     choice (always fixed in the interpreter).
@@ -326,13 +350,33 @@ def scaled_int_gemm(
         )
     if bias is not None and (not bias.is_floating_point() or bias.shape != (n,)):
         raise ValueError(f"scaled_int_gemm: bias must be float [{n}], got {bias.dtype} {tuple(bias.shape)}.")
+    check_zero_point("scaled_int_gemm", a_zero, w_sum, m, w_scale_shape, k)
+    if a_zero is not None:
+        a_zero = a_zero.reshape(m).contiguous()
+        w_sum = w_sum.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
     elif out.shape != (m, n) or out.dtype != out_dtype:
         raise ValueError(f"scaled_int_gemm: out must be {out_dtype} [{m}, {n}], got {out.dtype} {tuple(out.shape)}.")
     # Scales and bias are read along one axis: a_scale's row stride is its element stride.
     a_scale = a_scale.reshape(m).contiguous()
-    w_scale = w_scale if w_scale.stride(-1) == 1 else w_scale.contiguous()
+    # Contiguous, so that w_sum (same shape) is read with w_scale's strides.
+    w_scale = w_scale.contiguous()
     bias = None if bias is None else bias.contiguous()
     check_device("scaled_int_gemm", _gemm_kernel, a_scale, w_scale, *([] if bias is None else [bias]))
-    return _launch("scaled_int_gemm", a_q, w, out, a_scale, w_scale, bias, w_bits, group_size, False, split_k, config)
+    return _launch(
+        "scaled_int_gemm",
+        a_q,
+        w,
+        out,
+        a_scale,
+        w_scale,
+        bias,
+        a_zero,
+        w_sum,
+        w_bits,
+        group_size,
+        False,
+        split_k,
+        config,
+    )

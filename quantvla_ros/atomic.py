@@ -2,7 +2,8 @@
 
 An interrupted run therefore leaves either the old file or the new one, never half of one.
 Every layer writes its artifacts, buffers and checkpoints through here; `atomic_dir` does the
-same for a whole folder (an artifact, a bag).
+same for a whole folder (an artifact, a bag), and `check_target` lets a long job refuse an output
+path it could never write before it starts, rather than after.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from quantvla_ros.errors import QuantVLAError
 
 
 @contextmanager
@@ -58,3 +61,18 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def check_target(target: Path, what: str, folder: bool = False) -> None:
+    """Raise one sentence naming `what` if `target` cannot become a new or replaced file (or `folder`)."""
+    target = Path(target)
+    kind = "folder" if folder else "file"
+    if target.exists() and target.is_dir() != folder:
+        raise QuantVLAError(
+            f"{what} {target} is an existing {'folder' if target.is_dir() else 'file'}; give the path of a {kind}."
+        )
+    parent = next(p for p in target.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise QuantVLAError(f"{what} {target} lies under {parent}, which is a file; give a path inside a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantVLAError(f"{what} {target} cannot be written: {parent} is not writable by this user.")

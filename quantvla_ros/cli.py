@@ -136,6 +136,7 @@ def _quant_config(args: argparse.Namespace, **more):
         duquant_rotation=args.duquant_rotation,
         static_activations=True if args.static_activations else None,
         duquant_smoothing=False if args.no_duquant_smoothing else None,
+        asymmetric_activations=None if args.activations is None else args.activations == "asymmetric",
         **more,
     )
 
@@ -198,6 +199,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         ohb=False if args.no_ohb else None,
         atm_clamp=args.atm_clamp,
         stat_pooling=args.stat_pooling,
+        atm_keys=args.atm_keys,
         clamp_log=args.clamp_log,
         sequential=True if args.atm_ohb_sequential else None,
         neutral_log=args.neutral_log,
@@ -314,10 +316,12 @@ DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
 ASSET_HELP = "openpi asset folder or GR00T embodiment tag whose statistics to use (when there are several)"
 
 
-# The presets and transforms of quant/config.py (METHODS, TRANSFORMS), spelled out so building the
-# parser imports no torch; test/unit/test_cli_errors.py checks they agree.
+# The choices of quant/config.py (METHODS, TRANSFORMS, STAT_POOLINGS, ATM_KEYS), spelled out so
+# building the parser imports no torch; test/unit/test_cli_errors.py checks they agree.
 METHOD_NAMES = ("quantvla", "rtn", "smoothquant", "duquant")
 TRANSFORM_NAMES = ("none", "smoothquant", "duquant")
+STAT_POOLING_NAMES = ("pooled", "per_call", "per_row")
+ATM_KEY_NAMES = ("all", "own")
 # The options that decide what quantize stores, so layout estimates with the same vocabulary.
 WEIGHT_OPTIONS = (
     "method",
@@ -331,6 +335,7 @@ WEIGHT_OPTIONS = (
     "smoothquant_alpha",
     "duquant_rotation",
     "static_activations",
+    "activations",
     "no_duquant_smoothing",
 )
 
@@ -349,6 +354,11 @@ def weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duquant-rotation", choices=("hadamard", "svd"), help="DuQuant block rotations")
     p.add_argument(
         "--static-activations", action="store_true", help="static per-channel activation scales (p99.9) from --calib"
+    )
+    p.add_argument(
+        "--activations",
+        choices=("symmetric", "asymmetric"),
+        help="per-token activation codes: symmetric (preset), or with a zero point (the paper's App. A)",
     )
     p.add_argument(
         "--no-duquant-smoothing", action="store_true", help="rotations and permutation only (the authors' code)"
@@ -401,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     weight_options(quantize)
     quantize.add_argument("--atm-clamp", choices=("log", "linear"), help="log ±0.3 (paper) or [0.7, 1.4] (code)")
     quantize.add_argument(
-        "--stat-pooling", choices=("pooled", "per_call"), help="pooled moments, or the code's per-call average"
+        "--stat-pooling",
+        choices=STAT_POOLING_NAMES,
+        help="ATM/OHB statistic: pooled moments, the authors' per-call average, or the shift-free per-row std",
+    )
+    quantize.add_argument(
+        "--atm-keys", choices=ATM_KEY_NAMES, help="ATM logits over every key, or only the querying tokens' own"
     )
     quantize.add_argument("--no-atm", action="store_true", help="skip attention temperature matching")
     quantize.add_argument("--no-ohb", action="store_true", help="skip output head balancing")

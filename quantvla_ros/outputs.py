@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantvla_ros.atomic import check_target
 from quantvla_ros.errors import QuantVLAError
 
 
@@ -31,8 +32,7 @@ def check_output_folder(
 ) -> bool:
     """Raise one sentence unless `path` may receive `kind`; True when it holds an earlier one that will be replaced."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise QuantVLAError(f"{what} {path} is a file; give the path of a new or empty folder.")
+    check_target(path, what, folder=True)
     if not path.exists() or not any(path.iterdir()):
         return False
     if not kind.recognise(path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -91,3 +92,37 @@ def to_legacy_lerobot(folder: Path, out: Path) -> Path:
     for f in [*out.glob("policy_*processor*.json"), *out.glob("*normalizer_processor.safetensors")]:
         f.unlink()
     return out
+
+
+# The policy-node tests' fixtures; their helpers (node_fixtures.py) import this module, hence the
+# imports inside the fixtures.
+@pytest.fixture(scope="module")
+def ros():
+    import rclpy
+
+    rclpy.init()
+    yield
+    rclpy.shutdown()
+
+
+@pytest.fixture
+def peer(ros):
+    from node_fixtures import Peer
+
+    p = Peer()
+    yield p
+    p.node.destroy_node()
+
+
+@pytest.fixture(scope="module")
+def policy_path(checkpoints) -> Path:
+    return checkpoints[(True, "openpi")]
+
+
+@pytest.fixture(scope="module")
+def slow_policy_path(tmp_path_factory) -> Path:
+    """The tiny π0.5 with so many denoising steps that an inference is in flight for about a second."""
+    from node_fixtures import SLOW_STEPS
+
+    cfg = dataclasses.replace(tiny(True), num_steps=SLOW_STEPS)
+    return init_checkpoint(tmp_path_factory.mktemp("slow") / "pi05_slow", cfg, INSTRUCTIONS, norm_stats=robot_stats())

@@ -43,6 +43,23 @@ class TopicMapping:
         if not self.state_joints:
             raise QuantVLAError("state_joints is empty; list the joints that form the policy's state, in order.")
 
+    def check_policy(self, policy) -> None:
+        """Refuse, in one sentence, a mapping that does not fit `policy` (a `Policy`), before any input is read."""
+        unknown = [c for c in self.camera_names if c not in policy.camera_names]
+        if unknown:
+            raise QuantVLAError(
+                f"camera_names {unknown} are not cameras of this policy; use {list(policy.camera_names)}."
+            )
+        if policy.state_dim is not None and len(self.state_joints) != policy.state_dim:
+            raise QuantVLAError(
+                f"state_joints lists {len(self.state_joints)} joints but the policy's state has {policy.state_dim}."
+            )
+        # Calibration reads no actions, so a mapping made for it alone may leave them out.
+        if self.action_joints and len(self.action_joints) != policy.action_dim:
+            raise QuantVLAError(
+                f"action_joints lists {len(self.action_joints)} joints but the policy outputs {policy.action_dim}."
+            )
+
     @classmethod
     def from_params(cls, params: dict) -> TopicMapping:
         def strings(key: str) -> tuple[str, ...]:

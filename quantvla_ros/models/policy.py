@@ -166,13 +166,18 @@ class Policy:
             inputs.images, inputs.image_masks, inputs.tokens, inputs.token_masks, inputs.state, noise_t
         )
 
-    def predict(self, obs: Observation, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:
-        actions = self.sample(self.prepare(obs), noise)[0, :, : self.action_dim].cpu().numpy()
+    def act(self, inputs: ModelInputs, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:
+        """The action chunk in robot units for one prepared observation."""
+        actions = self.sample(inputs, noise)[0, :, : self.action_dim].cpu().numpy()
         actions = self._adapt("actions", actions, normalized=True)
         if self._action_norm:
             actions = self._action_norm.unnormalize(actions)
         actions = self._adapt("actions", actions, normalized=False)
         return ActionChunk(actions=actions.astype(np.float32), dt=self.action_dt)
+
+    def predict(self, obs: Observation, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:
+        """prepare() then act(): robot units in, robot units out."""
+        return self.act(self.prepare(obs), noise)
 
     def _adapt(self, what: str, values: np.ndarray, normalized: bool) -> np.ndarray:
         """The checkpoint's robot adapter on the state or the actions, at the side of the

@@ -28,9 +28,11 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-# observer(site, q, k, allowed): post-RoPE queries [B, H, Tq, d], keys [B, Hkv, Tk, d] and the
-# bool mask [B, Tq, Tk] of one action-expert attention during a denoising step.
-AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# observer(site, q, k, allowed, own_keys): post-RoPE queries [B, H, Tq, d], keys [B, Hkv, Tk, d] and
+# the bool mask [B, Tq, Tk] of one action-expert attention during a denoising step; own_keys is how
+# many of the last keys are the querying tokens' own (the rest are cached context), None when
+# every key is context (cross-attention).
+AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int | None], None]
 
 
 @dataclass

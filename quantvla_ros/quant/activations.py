@@ -1,9 +1,13 @@
 """Activation quantization at run time: dynamic per-token scales, or static per-channel scales.
 
-The quantization itself runs in quantvla_kernels (quantize_per_token / quantize_per_channel,
-fused into the GEMM path on the GPU); this module holds the settings and the calibration.
-Dynamic per-token (the default): one scale per row, which factors out of the integer GEMM as
-a row scale of the int32 accumulator.
+The quantization itself runs in quantvla_kernels (quantize_per_token, quantize_per_token_asym,
+quantize_per_channel, fused into the GEMM path on the GPU); this module holds the settings and
+the calibration. Dynamic per-token: one scale per row, which factors out of the integer GEMM as
+a row scale of the int32 accumulator. Symmetric (codes ±(2^(b-1) - 1)), or asymmetric as the
+paper's App. A specifies: an unsigned 2^b-level grid over the row's range with a zero point per
+row, which the GEMM removes exactly as zero_m · Σ_k w_nk (the weight codes' sums are stored with
+the layer). A zero point spends no level on the half of a one-sided range that symmetric codes
+leave empty (e.g. after a GELU), at the price of that correction in the GEMM's epilogue.
 
 Static per-input-channel scales (what the authors' code calibrates: p99.9 of |x| per channel,
 reference/quantvla-paper.md §1 [C]) sit on the K axis, so they cannot factor out of the
@@ -32,16 +36,23 @@ class ActivationQuantizer:
 
     bits: 4 or 8, or 16 to keep activations in float (weight-only quantization).
     static: use a calibrated per-input-channel scale instead of per-token scales.
+    asymmetric: per-token scales with a zero point (per-token integer activations only).
     """
 
     bits: int = 8
     static: bool = False
+    asymmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 16):
             raise ValueError(f"ActivationQuantizer: bits must be 4, 8 or 16 (float), got {self.bits}.")
         if self.static and self.bits == 16:
             raise ValueError("ActivationQuantizer: static scales need 4- or 8-bit activations, not 16 (float).")
+        if self.asymmetric and (self.static or self.bits == 16):
+            raise ValueError(
+                "ActivationQuantizer: a zero point needs dynamic per-token 4- or 8-bit activations "
+                "(not static scales, not float activations)."
+            )
 
     @property
     def is_float(self) -> bool:

@@ -6,7 +6,7 @@ the attention block's output drifts in scale. Both are corrected with scalars fo
 float weights, so inference pays nothing:
 
     ATM, one α per expert attention and head:  α = std(teacher logits) / std(student logits),
-         logits = q·kᵀ/√d over the valid (query, key) pairs, pooled over samples and steps;
+         logits = q·kᵀ/√d over the valid (query, key) pairs, over samples and steps;
          α multiplies head h's rows of W_q (RoPE is linear, so scaling q before or after it
          is the same).
     OHB, one β per expert attention (one per layer):  β = RMS(teacher o_proj output) / RMS(student o_proj output);
@@ -18,13 +18,31 @@ step, as in the authors' code: one α per head shared by all steps.
 
 The paper's main text says ±0.4; its appendix and this default say 0.3 (e^±0.3 = [0.74, 1.35]).
 The authors' GR00T code clamps α linearly to [0.7, 1.4] with a neutral band |α − 1| < 0.02:
-`atm_clamp="linear"`. Statistics default to pooled moments over every valid logit of every call,
-which weights each logit equally, as the issue's definition reads; the authors' code averages a
-std per (sample, head) per call and an RMS per call: `stat_pooling="per_call"`.
+`atm_clamp="linear"`.
+
+Which std (`stat_pooling`; the paper writes only Std(L)):
+    "pooled"    one std per head over every valid logit of every call. It includes the spread of
+                each query row's mean logit, which softmax ignores (adding a constant to a row of
+                logits does not change its attention weights).
+    "per_call"  the authors' code: a std per (sample, head) over the (query, key) axes, averaged over
+                samples and calls (and an RMS per call for β). Also includes the row means' spread,
+                within each call, and weighs calls rather than logits.
+    "per_row"   shift-free: the spread of the logits around their own query row's mean, pooled per
+                head over rows, samples and calls — only what the softmax temperature acts on.
+They are different statistics, not weightings of one: where the row means spread widely the
+first two exceed the third. The default follows the study in bench/RESULTS.md.
+
+Which keys (`atm_keys`): "all" — every key a query attends to, the cached prefix's included (π0.5,
+SmolVLA's self-attention layers); "own" — only the querying tokens' own keys, as the authors' π0.5
+code measures before the cache is joined. Cross-attention (GR00T's even blocks, SmolVLA's odd
+layers) has no keys of its own and always uses all of them.
 
 α and β are measured all at once by default, as the authors' code does: both from one run of the
 student with neither folded, so β does not see the change α makes to the attention output.
 `sequential=True` measures α, folds it, runs the student again and measures β on that.
+
+A site that calibration never observed would have a std of 0 and get whatever the clamp gives:
+collect_expert_statistics refuses instead, naming it.
 """
 
 from __future__ import annotations
@@ -36,18 +54,26 @@ import torch
 
 from quantvla_ros.models.policy import CalibrationSource
 from quantvla_ros.models.stages import StagedModel
-from quantvla_ros.quant.config import ATMOHBConfig
+from quantvla_ros.quant.config import ATM_KEYS, ATMOHBConfig
 from quantvla_ros.quant.linear import QuantLinear
 from quantvla_ros.quant.statistics import replay
 
 
 class ExpertStatistics:
-    """Running moments of the expert's attention logits per (layer, head) and o_proj outputs per layer."""
+    """Running moments of the expert's attention logits per (layer, head) and o_proj outputs per layer.
 
-    def __init__(self, layers: int, heads: int) -> None:
+    keys: "all" or "own" (see the module docstring), which keys of each query enter the logits.
+    """
+
+    def __init__(self, layers: int, heads: int, keys: str = "all") -> None:
+        if keys not in ATM_KEYS:
+            raise ValueError(f"Unknown ATM keys {keys!r}; choose one of {', '.join(ATM_KEYS)}.")
+        self.keys = keys
         self.logit_sum = torch.zeros(layers, heads, dtype=torch.float64)
         self.logit_sumsq = torch.zeros(layers, heads, dtype=torch.float64)
         self.logit_count = torch.zeros(layers, heads, dtype=torch.float64)
+        # Squared deviations from each query row's own mean, for the shift-free "per_row" std.
+        self.row_sq_dev = torch.zeros(layers, heads, dtype=torch.float64)
         self.out_sumsq = torch.zeros(layers, dtype=torch.float64)
         self.out_count = torch.zeros(layers, dtype=torch.float64)
         # The authors' pooling: one std per (sample, head) per call, and one RMS per call, averaged.
@@ -56,18 +82,26 @@ class ExpertStatistics:
         self.call_rms_sum = torch.zeros(layers, dtype=torch.float64)
         self.calls = torch.zeros(layers, dtype=torch.float64)
 
-    def observe_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> None:
+    def observe_attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, own_keys: int | None = None
+    ) -> None:
+        if self.keys == "own" and own_keys is not None:
+            k, allowed = k[:, :, -own_keys:], allowed[..., -own_keys:]
         heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[-1]
         k = k.float().repeat_interleave(heads // kv_heads, dim=1)
         logits = (q.float() @ k.transpose(-1, -2)) / math.sqrt(d)
         valid = allowed[:, None].expand_as(logits).to(logits.dtype)
-        dims = (2, 3)
-        total = (logits * valid).sum(dims).double().cpu()
-        squares = (logits.square() * valid).sum(dims).double().cpu()
-        count = valid.sum(dims).double().cpu()
+        row_count = valid.sum(-1)
+        row_total = (logits * valid).sum(-1)
+        row_mean = row_total / row_count.clamp_min(1)
+        row_sq_dev = ((logits - row_mean[..., None]).square() * valid).sum(-1)
+        total = row_total.sum(-1).double().cpu()
+        squares = (logits.square() * valid).sum((2, 3)).double().cpu()
+        count = row_count.sum(-1).double().cpu()
         self.logit_sum[layer] += total.sum(0)
         self.logit_sumsq[layer] += squares.sum(0)
         self.logit_count[layer] += count.sum(0)
+        self.row_sq_dev[layer] += row_sq_dev.sum((0, 2)).double().cpu()
         self.sample_std_sum[layer] += _std(total, squares, count).sum(0)
         self.samples[layer] += logits.shape[0]
 
@@ -79,15 +113,23 @@ class ExpertStatistics:
         self.calls[layer] += 1
 
     def logit_std(self, pooling: str = "pooled") -> torch.Tensor:
-        """Per (layer, head): over every valid logit of every call, or the mean of per-sample stds."""
+        """Per (layer, head), by `pooling` (see the module docstring)."""
         if pooling == "per_call":
             return self.sample_std_sum / self.samples.clamp_min(1)[:, None]
+        if pooling == "per_row":
+            return (self.row_sq_dev / self.logit_count.clamp_min(1)).sqrt()
         return _std(self.logit_sum, self.logit_sumsq, self.logit_count)
 
     def output_rms(self, pooling: str = "pooled") -> torch.Tensor:
+        """Per layer: over every output element of every call ("pooled", "per_row"), or the mean per-call RMS."""
         if pooling == "per_call":
             return self.call_rms_sum / self.calls.clamp_min(1)
         return (self.out_sumsq / self.out_count.clamp_min(1)).sqrt()
+
+    def unobserved(self) -> list[int]:
+        """Layers whose attention logits or output projection calibration never saw."""
+        seen = (self.logit_count.sum(dim=1) > 0) & (self.calls > 0)
+        return [i for i, ok in enumerate(seen.tolist()) if not ok]
 
 
 def _std(total: torch.Tensor, squares: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -97,14 +139,19 @@ def _std(total: torch.Tensor, squares: torch.Tensor, count: torch.Tensor) -> tor
 
 
 def collect_expert_statistics(
-    model: StagedModel, source: CalibrationSource, batch_size: int = 8, seed: int = 0, desc: str | None = None
+    model: StagedModel,
+    source: CalibrationSource,
+    batch_size: int = 8,
+    seed: int = 0,
+    desc: str | None = None,
+    keys: str = "all",
 ) -> ExpertStatistics:
     """The expert attention logits' and output projections' moments over full inferences on the source."""
     sites = model.attention_sites()
     heads = {site.num_heads for site in sites}
     if len(heads) != 1:
         raise ValueError(f"{model.display_name} has expert attentions with different head counts {sorted(heads)}.")
-    stats = ExpertStatistics(len(sites), heads.pop())
+    stats = ExpertStatistics(len(sites), heads.pop(), keys)
     hooks = [
         model.get_submodule(site.o_proj).register_forward_hook(lambda _m, _i, out, i=i: stats.observe_output(i, out))
         for i, site in enumerate(sites)
@@ -116,6 +163,12 @@ def collect_expert_statistics(
         model.attention_observer = None
         for h in hooks:
             h.remove()
+    if unseen := stats.unobserved():
+        names = ", ".join(sites[i].q_proj.rsplit(".", 1)[0] for i in unseen)
+        raise RuntimeError(
+            f"Calibration saw no call of the expert attention(s) {names}: {model.display_name}'s denoising "
+            "path does not report them to attention_observer, so ATM/OHB cannot measure them."
+        )
     return stats
 
 
@@ -174,18 +227,20 @@ class ATMOHBResult:
     alpha_raw: torch.Tensor
     beta_raw: torch.Tensor
     teacher: ExpertStatistics
-    student: ExpertStatistics
+    student: ExpertStatistics  # as β was measured: with α folded when sequential
+    pooling: str  # the statistic α and β matched
 
     def to_json(self) -> dict:
+        pooling = self.pooling
         return {
             "alpha": self.alpha.tolist(),
             "beta": self.beta.tolist(),
             "alpha_raw": self.alpha_raw.tolist(),
             "beta_raw": self.beta_raw.tolist(),
-            "teacher_logit_std": self.teacher.logit_std().tolist(),
-            "student_logit_std": self.student.logit_std().tolist(),
-            "teacher_output_rms": self.teacher.output_rms().tolist(),
-            "student_output_rms": self.student.output_rms().tolist(),
+            "teacher_logit_std": self.teacher.logit_std(pooling).tolist(),
+            "student_logit_std": self.student.logit_std(pooling).tolist(),
+            "teacher_output_rms": self.teacher.output_rms(pooling).tolist(),
+            "student_output_rms": self.student.output_rms(pooling).tolist(),
         }
 
 
@@ -201,7 +256,7 @@ def calibrate_atm_ohb(
     """Measure teacher and student on the same inputs and noise, then fold α and β into the student."""
 
     def measure(model: StagedModel, desc: str) -> ExpertStatistics:
-        return collect_expert_statistics(model, source, batch_size, seed, desc if progress else None)
+        return collect_expert_statistics(model, source, batch_size, seed, desc if progress else None, config.atm_keys)
 
     def scale(teacher_value: torch.Tensor, student_value: torch.Tensor) -> torch.Tensor:
         return matched_scale(teacher_value, student_value, config.clamp_log, config.neutral_log, config.atm_clamp)
@@ -216,4 +271,4 @@ def calibrate_atm_ohb(
     t_rms, s_rms = t_stats.output_rms(pooling), s_stats.output_rms(pooling)
     beta = scale(t_rms, s_rms) if config.ohb else torch.ones_like(t_rms)
     fold_ohb(student, beta)
-    return ATMOHBResult(alpha, beta, t_std / (s_std + 1e-6), t_rms / (s_rms + 1e-6), t_stats, s_stats)
+    return ATMOHBResult(alpha, beta, t_std / (s_std + 1e-6), t_rms / (s_rms + 1e-6), t_stats, s_stats, pooling)

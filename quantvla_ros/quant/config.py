@@ -22,6 +22,8 @@ from quantvla_ros.quant.layout import LAYOUTS, Layout
 from quantvla_ros.quant.transforms import ROTATIONS
 
 TRANSFORMS = ("none", "smoothquant", "duquant")
+STAT_POOLINGS = ("pooled", "per_call", "per_row")  # which std ATM matches (calibration.py)
+ATM_KEYS = ("all", "own")  # which keys enter ATM's logits (calibration.py)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class LinearConfig:
     # calibration data's `act_percentile` of |x| (the authors' code; cheaper, less accurate).
     static_activations: bool = False
     act_percentile: float = 99.9
+    # Per-token activations with a zero point (the paper's App. A), or symmetric (activations.py).
+    asymmetric_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
@@ -57,6 +61,11 @@ class LinearConfig:
             raise ValueError(f"Activation bits must be 4, 8 or 16 (float activations), got {self.a_bits}.")
         if self.static_activations and self.a_bits == 16:
             raise ValueError("Static activation scales need integer activations; use --a-bits 4 or 8.")
+        if self.asymmetric_activations and (self.static_activations or self.a_bits == 16):
+            raise ValueError(
+                "Asymmetric activations are per-token integer activations; drop --static-activations and use "
+                "--a-bits 4 or 8."
+            )
 
     @property
     def bits(self) -> str:
@@ -78,7 +87,8 @@ class ATMOHBConfig:
     clamp_log: float = 0.3  # |log α|, |log β| at most this
     neutral_log: float = 0.03  # |log| below this sets α, β to exactly 1
     atm_clamp: str = "log"  # "linear": the authors' [0.7, 1.4] clamp
-    stat_pooling: str = "pooled"  # "per_call": the authors' average of per-call statistics
+    stat_pooling: str = "pooled"  # which std ATM matches: "pooled", "per_call" (the authors'), "per_row"
+    atm_keys: str = "all"  # "own": logits over the querying tokens' own keys only (calibration.py)
     # False: α and β both from one student run without either (the authors' code); True: β
     # measured on the student with α already folded.
     sequential: bool = False
@@ -86,8 +96,12 @@ class ATMOHBConfig:
     def __post_init__(self) -> None:
         if self.atm_clamp not in ("log", "linear"):
             raise ValueError(f"Unknown ATM/OHB clamp {self.atm_clamp!r}; choose 'log' or 'linear'.")
-        if self.stat_pooling not in ("pooled", "per_call"):
-            raise ValueError(f"Unknown statistics pooling {self.stat_pooling!r}; choose 'pooled' or 'per_call'.")
+        if self.stat_pooling not in STAT_POOLINGS:
+            raise ValueError(
+                f"Unknown statistics pooling {self.stat_pooling!r}; choose one of {', '.join(STAT_POOLINGS)}."
+            )
+        if self.atm_keys not in ATM_KEYS:
+            raise ValueError(f"Unknown ATM keys {self.atm_keys!r}; choose one of {', '.join(ATM_KEYS)}.")
 
     @property
     def enabled(self) -> bool:

@@ -29,6 +29,7 @@ def convert_layers(
             group_size=config.group_size,
             transform=plan.transform,
             input_scale=plan.input_scale,
+            asymmetric=config.asymmetric_activations,
         )
         set_module(model, name, quantized)
         specs[name] = quantized.spec()

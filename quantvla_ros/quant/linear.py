@@ -5,7 +5,9 @@ int4, two codes per byte along K as quantvla_kernels.pack_int4 lays them out; in
 int8), weight_scale (float32 [N] or [N, K / group_size]), weight_shape (int64 [N, K]), bias
 (the original dtype), input_scale (float32 [K], static activation scales only) and the input
 transform's steps as input_<step>: input_smooth, input_perm, and each rotation as Hadamard signs
-(input_rotation1_signs, int8 [K / b, b]) or dense blocks (input_rotation1, float32 [K / b, b, b]).
+(input_rotation1_signs, int8 [K / b, b]) or dense blocks (input_rotation1, float32 [K / b, b, b]),
+and weight_sum (int32, shaped as weight_scale: the codes' sums per channel or group) when
+activations are quantized with a zero point.
 
 forward: x -> transform (float32) -> activation quantization -> integer GEMM -> x's dtype; on the
 Triton path the transform (unless it has dense rotation blocks) and the quantization are one kernel.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantvla_kernels import fuses_transform, pack_int4, quantized_matmul, unpack_int4
+from quantvla_kernels import code_sums, fuses_transform, pack_int4, quantized_matmul, unpack_int4
 from quantvla_ros.quant.activations import ActivationQuantizer
 from quantvla_ros.quant.transforms import InputTransform
 from quantvla_ros.quant.weights import (
@@ -48,9 +50,13 @@ class QuantLinear(nn.Module):
         group_size: int | None = None,
         transform: InputTransform | None = None,
         input_scale: torch.Tensor | None = None,
+        weight_sum: torch.Tensor | None = None,
     ) -> None:
+        """weight_sum: the codes' sums (code_sums) when activations carry a zero point, else None."""
         super().__init__()
-        self.act = _check_config("QuantLinear", in_features, w_bits, a_bits, group_size, transform, input_scale)
+        self.act = _check_config(
+            "QuantLinear", in_features, w_bits, a_bits, group_size, transform, input_scale, weight_sum is not None
+        )
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
         self.transform_kind = None if transform is None else transform.kind
@@ -62,6 +68,7 @@ class QuantLinear(nn.Module):
         for name, t in ({} if transform is None else transform.state_tensors()).items():
             self.register_buffer(f"input_{name}", t)
         self.register_buffer("input_scale", input_scale)
+        self.register_buffer("weight_sum", weight_sum)
 
     @classmethod
     def from_float(
@@ -73,15 +80,19 @@ class QuantLinear(nn.Module):
         transform: InputTransform | None = None,
         input_scale: torch.Tensor | None = None,
         clip_grid: Sequence[float] = DEFAULT_CLIP_GRID,
+        asymmetric: bool = False,
     ) -> QuantLinear:
         """Quantize linear's weight (folded through transform) and keep no float copy of it.
 
         input_scale [K] switches on static activation scales (activations.percentile_channel_scales
         of the *transformed* calibration inputs); it is folded into the weight columns here.
+        asymmetric: quantize activations per token with a zero point (the codes' sums are kept).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_float: expected an nn.Linear, got {type(linear).__name__}.")
-        _check_config("QuantLinear.from_float", linear.in_features, w_bits, a_bits, group_size, transform, input_scale)
+        _check_config(
+            "QuantLinear.from_float", linear.in_features, w_bits, a_bits, group_size, transform, input_scale, asymmetric
+        )
         device = linear.weight.device
         w = linear.weight.detach().float()
         if transform is not None:
@@ -102,6 +113,7 @@ class QuantLinear(nn.Module):
             group_size=group_size,
             transform=transform,
             input_scale=input_scale,
+            weight_sum=code_sums(qw.q, group_size) if asymmetric else None,
         )
 
     @classmethod
@@ -118,15 +130,19 @@ class QuantLinear(nn.Module):
         static_input: bool = False,
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        asymmetric_activations: bool = False,
     ) -> QuantLinear:
         """A layer with zero buffers of the right shapes (any device, meta included) to load a state_dict into.
 
         transform_kind is the saved layer's InputTransform.kind; block_size its rotation block size.
         """
         input_scale = torch.zeros(in_features, dtype=torch.float32, device=device) if static_input else None
-        _check_config("QuantLinear.empty", in_features, w_bits, a_bits, group_size, None, input_scale)
+        _check_config(
+            "QuantLinear.empty", in_features, w_bits, a_bits, group_size, None, input_scale, asymmetric_activations
+        )
         packed = (out_features, in_features // 2) if w_bits == 4 else (out_features, in_features)
         scale_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        weight_sum = torch.zeros(scale_shape, dtype=torch.int32, device=device) if asymmetric_activations else None
         transform = None
         if transform_kind is not None:
             transform = InputTransform.from_tensors(
@@ -143,6 +159,7 @@ class QuantLinear(nn.Module):
             group_size=group_size,
             transform=transform,
             input_scale=input_scale,
+            weight_sum=weight_sum,
         )
 
     def spec(self) -> dict:
@@ -160,6 +177,7 @@ class QuantLinear(nn.Module):
             "block_size": 64 if block_size is None else block_size,
             "static_input": self.act.static,
             "bias_dtype": None if self.bias is None else str(self.bias.dtype).removeprefix("torch."),
+            "asymmetric_activations": self.act.asymmetric,
         }
 
     @classmethod
@@ -179,12 +197,15 @@ class QuantLinear(nn.Module):
 
     @property
     def transform(self) -> InputTransform | None:
-        # Rebuilt from the buffers on each call, so it follows them across .to(device) and load_state_dict;
-        # that only wraps the buffers and checks their shapes (Hadamard rotations are applied from their
-        # signs, no b × b matrix is built), so it costs nothing next to the GEMM.
+        # Built around the buffers and kept while they are the same tensors; .to(device) and loading a
+        # state dict with assign=True replace them, and then it is built again around the new ones.
         if self.transform_kind is None:
             return None
-        return InputTransform.from_tensors({n: getattr(self, f"input_{n}") for n in self.transform_kind.split("+")})
+        tensors = {n: getattr(self, f"input_{n}") for n in self.transform_kind.split("+")}
+        built = self.__dict__.get("_transform")
+        if built is None or any(getattr(built, n) is not t for n, t in tensors.items()):
+            built = self.__dict__["_transform"] = InputTransform.from_tensors(tensors)
+        return built
 
     def weight_codes(self) -> torch.Tensor:
         """The int8 codes [N, K] (unpacked for int4)."""
@@ -224,8 +245,8 @@ class QuantLinear(nn.Module):
             self.bias.copy_(self.bias.float() * factor)
 
     def weight_bytes(self) -> int:
-        """Bytes of what replaces the float weight: packed codes, scales, transform and static input scales."""
-        names = ["weight_packed", "weight_scale", "input_scale"]
+        """Bytes of what replaces the float weight: codes, scales, code sums, transform and static input scales."""
+        names = ["weight_packed", "weight_scale", "weight_sum", "input_scale"]
         names += [f"input_{n}" for n in (self.transform_kind or "").split("+") if n]
         return sum(t.numel() * t.element_size() for n in names if (t := getattr(self, n)) is not None)
 
@@ -258,6 +279,8 @@ class QuantLinear(nn.Module):
             parts.append(f"transform={self.transform_kind}")
         if self.act.static:
             parts.append("static_input=True")
+        if self.act.asymmetric:
+            parts.append("asymmetric_activations=True")
         return ", ".join(parts)
 
 
@@ -269,6 +292,7 @@ def _check_config(
     group_size: int | None,
     transform: InputTransform | None,
     input_scale: torch.Tensor | None,
+    asymmetric: bool = False,
 ) -> ActivationQuantizer:
     """Every check a layer's settings need, before any work is spent quantizing it."""
     check_bits_and_group(fn, w_bits, group_size, in_features)
@@ -278,7 +302,7 @@ def _check_config(
         raise ValueError(f"{fn}: the input transform has {transform.in_features} channels, the layer {in_features}.")
     if input_scale is not None and input_scale.shape != (in_features,):
         raise ValueError(f"{fn}: input_scale must be [K]=[{in_features}], got {tuple(input_scale.shape)}.")
-    return ActivationQuantizer(a_bits, static=input_scale is not None)
+    return ActivationQuantizer(a_bits, static=input_scale is not None, asymmetric=asymmetric)
 
 
 def _quantized_matmul(x: torch.Tensor, layer: QuantLinear, out_dtype: torch.dtype) -> torch.Tensor:

@@ -39,6 +39,7 @@ def layout_memory(model: nn.Module, config: QuantConfig) -> dict:
             (transform and transform.block_size) or linear.duquant_block,
             linear.static_activations,
             device="meta",
+            asymmetric_activations=linear.asymmetric_activations,
         )
     return memory_report(model, config.layout.name, layers)
 

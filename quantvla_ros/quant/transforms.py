@@ -12,7 +12,8 @@ float layer is unchanged while the quantizers see better-conditioned tensors:
 Rotations act on K / b blocks of b channels, never as a dense K × K, in one of two forms:
 
 - Randomized Hadamard (default), diag(±1)·H_b/√b: stored as its K signs, int8 [K / b, b] under
-  rotation{1,2}_signs, and applied by a fast Walsh–Hadamard transform (log2 b butterflies).
+  rotation{1,2}_signs, and applied as the signs and one batched product with the shared H_b/√b
+  (the GPU's fused kernel runs it as log2 b butterflies instead).
 - The authors' per-block SVD basis (reference/quantvla-paper.md §1 [C]), duquant(rotation="svd"):
   left singular vectors of W_blockᵀ, dense float32 [K / b, b, b] under rotation{1,2}.
 
@@ -27,10 +28,22 @@ than no transform on plain layers.
 
 Hadamard is also 4·b times smaller to store: 2 bytes per input channel for both rotations
 against 512 for dense b = 64 blocks, which would add 50% to an int4 layer with 2048 outputs.
+
+Two things of the authors' DuQuant (reference/quantvla-paper.md §1) are not here, on purpose:
+- The output-side "restore" rotation: their code also rotates each weight's output rows by a
+  per-block basis before quantizing and undoes it after the GEMM (y · R_out). Here every output
+  channel has its own scale (or group scales), which already adapts to each row's range, and
+  the restore would cost a b × b rotation of every layer's output at run time, outside the
+  integer GEMM and its epilogue. Not offered as an option: it needs an output transform in
+  QuantLinear and in every kernel.
+- The "per-channel smoothing coefficient 0.15" of the paper's App. D: in their code it blends the
+  weight energy that orders the zigzag permutation, (1 − 0.15)·e + 0.15·mean(e). That map is
+  increasing in e, so it cannot change the order, and the permutation is the same without it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,22 +78,23 @@ def _rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...gi,gij->...gj", xb, blocks.to(x.dtype)).reshape(x.shape)
 
 
+@functools.cache
+def _scaled_hadamard(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """H_b / √b (Sylvester's construction, b a power of two), one per size, device and dtype."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return (h / math.sqrt(b)).to(device=device, dtype=dtype)
+
+
 def _hadamard_rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ blockdiag(diag(s) H_b / √b) for signs s [K / b, b], with no b × b matrix."""
+    """x [..., K] @ blockdiag(diag(s) H_b / √b) for signs s [K / b, b]: one sign product and one
+    batched product with the shared b × b matrix, two operations whatever b (a butterfly takes
+    3 log2 b small ones, which dominate on the CPU). The Triton kernel computes the same rotation
+    with butterflies, which round differently in the last bits."""
     nb, b = signs.shape
-    lead = x.shape[:-1]
-    t = x.reshape(*lead, nb, b) * signs  # a fresh tensor, so the butterflies below may run in place
-    h = 1
-    while h < b:
-        # Sylvester's H_2h = [[H_h, H_h], [H_h, -H_h]]: halves u, v of each 2h run, already
-        # through H_h, become u + v and u - v; in place, so a stage allocates only the difference.
-        pairs = t.view(*lead, nb, b // (2 * h), 2, h)
-        u, v = pairs[..., 0, :], pairs[..., 1, :]
-        diff = u - v
-        u.add_(v)
-        v.copy_(diff)
-        h *= 2
-    return t.mul_(1 / math.sqrt(b)).reshape(x.shape)
+    t = x.reshape(*x.shape[:-1], nb, b) * signs
+    return (t @ _scaled_hadamard(b, x.device, x.dtype)).reshape(x.shape)
 
 
 @dataclass(frozen=True)
@@ -121,10 +135,13 @@ class InputTransform:
             raise ValueError(f"InputTransform: the steps disagree on K: {sorted(sizes)}.")
         if self.perm is not None and self.perm.dtype != torch.int64:
             raise ValueError(f"InputTransform: perm must be int64, got {self.perm.dtype}.")
+        # The steps in run order, kept: a QuantLinear runs them on every call.
+        object.__setattr__(self, "_steps", tuple(present.items()))
+        object.__setattr__(self, "_in_features", sizes.pop())
 
     @property
     def in_features(self) -> int:
-        return math.prod(next(iter(self.state_tensors().values())).shape[:2])
+        return self._in_features
 
     @property
     def block_size(self) -> int | None:
@@ -149,7 +166,7 @@ class InputTransform:
             raise ValueError(
                 f"InputTransform: expected a tensor [..., {self.in_features}], got shape {tuple(t.shape)}."
             )
-        for name, step in self.state_tensors().items():
+        for name, step in self._steps:
             if name == "smooth":
                 s = step.to(t.dtype)
                 t = t / s if divide_smooth else t * s

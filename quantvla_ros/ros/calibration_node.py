@@ -15,6 +15,7 @@ from pathlib import Path
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from quantvla_ros.atomic import check_target
 from quantvla_ros.data.bags import read_observations
 from quantvla_ros.data.buffer import build_buffer, save_buffer
 from quantvla_ros.data.mapping import TopicMapping
@@ -45,15 +46,21 @@ CALIBRATION_PARAMETERS = {
 
 
 def run_calibration(params: dict, log=print) -> dict:
-    """Build the buffer from the bags and, when `artifact` is set, quantize into it."""
+    """Build the buffer from the bags and, when `artifact` is set, quantize into it.
+
+    Output paths and the mapping are checked first: reading bags can take long, and a run that
+    could never write its result should say so before it starts.
+    """
     mapping = TopicMapping.from_params(params)
     require(params, ["policy_path", "bags"], "config/calibration.yaml")
+    check_target(Path(params["buffer"]), "Calibration buffer")
     overwrite = bool(params.get("overwrite"))
     if params.get("artifact"):
         check_output_folder(params["artifact"], "Artifact folder", ARTIFACT_OUTPUT, overwrite, OVERWRITE_FLAG)
     policy = load_float_policy(
         params["policy_path"], device=params.get("device", "cpu"), asset_id=params.get("asset_id") or None
     )
+    mapping.check_policy(policy)
     observations, sources = read_observations(
         [Path(b) for b in params["bags"]], mapping, int(params["samples"]), float(params["tolerance"])
     )

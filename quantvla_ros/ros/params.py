@@ -9,13 +9,16 @@ from quantvla_ros.errors import QuantVLAError
 
 
 def declare(node: Node, spec: dict[str, object]) -> dict:
-    """Declare each parameter with its default, or with just its type when it has none; return the values.
-
-    A typed parameter that the params file does not set comes back as None.
-    """
-    values = {}
+    """Declare each parameter with its default, or with just its type when it has none; return the values."""
     for name, default in spec.items():
         node.declare_parameter(name, default)
+    return read(node, spec)
+
+
+def read(node: Node, spec: dict[str, object]) -> dict:
+    """The current values of the parameters in `spec`; a typed one that nobody set comes back as None."""
+    values = {}
+    for name in spec:
         try:
             values[name] = node.get_parameter(name).value
         except ParameterUninitializedException:

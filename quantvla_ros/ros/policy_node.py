@@ -1,22 +1,36 @@
 """The policy node: cameras + instruction + joint states in, action chunks out.
 
+A managed (lifecycle) node: `configure` loads the policy, warms it up and starts listening,
+`activate` starts publishing actions, `deactivate` stops them at once (no chunk leaves the node
+after it returns, even one whose inference was in flight), `cleanup` frees the model. With
+`autostart` (the default) the node configures and activates itself, so a plain launch serves
+right away; a lifecycle manager sets it false and drives the transitions.
+
 Subscription callbacks only store the newest message. A timer at `inference_rate` takes a
 snapshot of the inputs and, if the first camera has a new frame since the last inference and every
-required input is present, fresh (younger than `max_input_age` on the node's clock, so sim
-time works) and well-formed, hands it to a single
-worker thread that converts it, runs `Policy.predict` and publishes a
-`trajectory_msgs/JointTrajectory`: one point per action step, `time_from_start = (k+1)·dt`,
-`header.stamp` = the time of the observation used. Inference never runs in a callback, and at
-most one inference is in flight. A bad message is logged once per cause and dropped; nothing a
-peer sends stops the node. `/diagnostics` carries latency p50/p95, dropped frames, input ages,
-the model and its quantization, and why actions are withheld when they are.
+required input is present and younger than `max_input_age` (on the node's clock, so sim time
+works), hands it to a single worker thread that converts it, runs `Policy.prepare` (its errors
+are the observation's: counted and dropped) and `Policy.act`, and
+publishes a `trajectory_msgs/JointTrajectory`: one point per action step, `time_from_start =
+(k+1)·dt`, `header.stamp` = the time of the observation used. The age is checked again when
+the chunk is ready: a chunk from an observation that has grown older than `max_input_age`
+while it was computed is dropped and counted. Inference never runs in a callback, and at most
+one inference is in flight.
+
+A bad input is dropped and counted under a cause from a fixed vocabulary, logged once per
+cause; images above `max_image_pixels` are refused from their header, instructions are cut to
+`max_instruction_length`. `/diagnostics` carries latency p50/p95, dropped frames, input ages,
+the model and its quantization, and why actions are withheld when they are, all bounded in size
+whatever a sender writes.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,7 +40,7 @@ from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.clock import Clock as RosClock
 from rclpy.clock import ClockType
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image, JointState
@@ -34,11 +48,19 @@ from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from quantvla_ros.data.mapping import TopicMapping
-from quantvla_ros.data.messages import MessageError, compressed_to_rgb, image_to_rgb, joint_positions, stamp_seconds
+from quantvla_ros.data.messages import (
+    MAX_PIXELS,
+    MessageError,
+    compressed_to_rgb,
+    cut,
+    image_to_rgb,
+    joint_positions,
+    stamp_nanoseconds,
+)
 from quantvla_ros.loader import load_policy
 from quantvla_ros.models.policy import Observation, Policy
 from quantvla_ros.ros.entry import run_node
-from quantvla_ros.ros.params import declare, require
+from quantvla_ros.ros.params import declare, read, require
 from quantvla_ros.ros.qos import qos_from_string
 
 # Defaults; a bare type marks a parameter the params file must set.
@@ -59,14 +81,24 @@ PARAMETERS: dict[str, object] = {
     "action_dt": 0.1,
     "inference_rate": 5.0,
     "max_input_age": 0.5,
+    "max_image_pixels": MAX_PIXELS,
+    "max_instruction_length": 1000,
     "image_qos": "SENSOR_DATA",
     "instruction_qos": "RELIABLE_TRANSIENT_LOCAL",
     "joint_states_qos": "SENSOR_DATA",
     "action_qos": "RELIABLE",
     "seed": -1,
+    "autostart": True,
 }
 REQUIRED = ["policy_path", "camera_names", "camera_topics", "state_joints", "action_joints"]
 DTYPES = ("", "float32", "bfloat16", "float16")  # "" = bfloat16 on CUDA, float32 on CPU
+# Any text in /diagnostics or a log line that a sender or an exception can make long is cut to this.
+TEXT_LIMIT = 200
+SUCCESS, FAILURE, ERROR = (
+    TransitionCallbackReturn.SUCCESS,
+    TransitionCallbackReturn.FAILURE,
+    TransitionCallbackReturn.ERROR,
+)
 
 
 @dataclass
@@ -77,18 +109,79 @@ class Stored:
     used: bool = False
 
 
-class PolicyNode(Node):
+class PolicyNode(LifecycleNode):
     def __init__(self) -> None:
         super().__init__("policy_node")
-        p = declare(self, PARAMETERS)
+        # Declared now so a lifecycle manager can set them before `configure` reads them.
+        self._autostart = declare(self, PARAMETERS)["autostart"]
+        self.policy: Policy | None = None
+        self._lock = threading.Lock()
+        self._active = False
+        # Bumped on every deactivation: a chunk computed before it is never published after it.
+        self._epoch = 0
+        self._worker: ThreadPoolExecutor | None = None
+        self._owned: list[tuple] = []  # (destroy method, entity) made by configure
+        self._failure: BaseException | None = None
+        if self._autostart:
+            if self.trigger_configure() != SUCCESS:
+                raise self._failure
+            self.trigger_activate()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as e:
+            self._release()
+            self._failure = e
+            user_error = isinstance(e, (ValueError, FileNotFoundError))
+            if not self._autostart:  # with autostart, main() reports it and exits
+                detail = str(e) if user_error else traceback.format_exc()
+                self.get_logger().error(f"Configuration failed: {detail}")
+            return FAILURE if user_error else ERROR
+        return SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            self._active = True
+            self._withheld = "waiting for inputs"
+        self.get_logger().info(f"Active: publishing actions on {self._p['action_topic']}.")
+        return SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            self._active = False
+            self._epoch += 1
+        self.get_logger().info("Inactive: no actions are published until the node is activated again.")
+        return SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return SUCCESS
+
+    def destroy_node(self) -> None:
+        self._release()
+        super().destroy_node()
+
+    def _configure(self) -> None:
+        p = read(self, PARAMETERS)
         require(p, REQUIRED, "config/policy.yaml")
         self.mapping = TopicMapping.from_params(p)
         if p["dtype"] not in DTYPES:
             raise ValueError(f"Parameter dtype {p['dtype']!r} must be one of float32, bfloat16, float16 or empty.")
-        if p["inference_rate"] <= 0 or p["action_dt"] <= 0 or p["max_input_age"] <= 0:
-            raise ValueError("Parameters inference_rate, action_dt and max_input_age must be positive.")
+        positive = ("inference_rate", "action_dt", "max_input_age", "max_image_pixels", "max_instruction_length")
+        if any(p[name] <= 0 for name in positive):
+            raise ValueError(f"Parameters {', '.join(positive)} must be positive.")
         dtype = getattr(torch, p["dtype"]) if p["dtype"] else None
-        self.policy: Policy = load_policy(
+        self.policy = load_policy(
             p["policy_path"],
             device=p["device"],
             dtype=dtype,
@@ -96,70 +189,79 @@ class PolicyNode(Node):
             action_dt=p["action_dt"],
             engine=p["engine"],
         )
-        self._check_mapping()
-        self.action_dt = p["action_dt"]
+        self.mapping.check_policy(self.policy)
+        self._p = p
         self.max_age = p["max_input_age"]
         self.rng = np.random.default_rng(None if p["seed"] < 0 else p["seed"])
-
-        self._lock = threading.Lock()
         self._latest: dict[str, Stored | None] = {}
         self._busy = False
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._latencies: list[float] = []
         # Newest input's arrival -> publish, minus the model: timer wait, conversion, messages.
         self._overheads: list[float] = []
         self._inferences = 0
         self._dropped_frames = 0
-        self._bad_messages: dict[str, int] = {}
-        self._withheld = "waiting for inputs"
+        self._stale_at_publish = 0
+        self._instructions_cut = 0
+        self._bad_messages: dict[str, int] = {}  # cause (a fixed vocabulary) -> count
+        self._last_bad = ""
+        self._withheld = "inactive"
         self._error = ""
-
+        self._failed_types: set[str] = set()
         self._warm_up()
-        image_qos = qos_from_string(p["image_qos"])
+        # Subscriptions, publishers and timers are created only after every check has passed.
+        qos = {name: qos_from_string(p[f"{name}_qos"]) for name in ("image", "instruction", "joint_states")}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         for name, topic, kind in zip(
             self.mapping.camera_names, self.mapping.camera_topics, self.mapping.camera_types, strict=True
         ):
             msg_type = CompressedImage if kind == "compressed" else Image
-            self.create_subscription(msg_type, topic, lambda m, k=f"camera:{name}": self._store(k, m), image_qos)
-        self.create_subscription(
-            String,
-            self.mapping.instruction_topic,
-            lambda m: self._store("instruction", m),
-            qos_from_string(p["instruction_qos"]),
+            self._own_subscription(msg_type, topic, lambda m, k=f"camera:{name}": self._store(k, m), qos["image"])
+        self._own_subscription(String, self.mapping.instruction_topic, self._store_instruction, qos["instruction"])
+        self._own_subscription(
+            JointState, self.mapping.joint_states_topic, lambda m: self._store("joint_states", m), qos["joint_states"]
         )
-        self.create_subscription(
-            JointState,
-            self.mapping.joint_states_topic,
-            lambda m: self._store("joint_states", m),
-            qos_from_string(p["joint_states_qos"]),
+        self._actions = self._own(
+            self.destroy_publisher,
+            self.create_publisher(JointTrajectory, p["action_topic"], qos_from_string(p["action_qos"], 10)),
         )
-        self._actions = self.create_publisher(JointTrajectory, p["action_topic"], qos_from_string(p["action_qos"], 10))
-        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diagnostics = self._own(
+            self.destroy_publisher, self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        )
         # Wall-clock timers: under sim time a simulator may hold /clock still until it gets actions.
         steady = RosClock(clock_type=ClockType.STEADY_TIME)
-        self.create_timer(1.0 / p["inference_rate"], self._tick, clock=steady)
-        self.create_timer(1.0, self._publish_diagnostics, clock=steady)
+        self._own(self.destroy_timer, self.create_timer(1.0 / p["inference_rate"], self._tick, clock=steady))
+        self._own(self.destroy_timer, self.create_timer(1.0, self._publish_diagnostics, clock=steady))
         quant = self.policy.quant_config
         self.get_logger().info(
             f"Serving {p['policy_path']} ({'float' if quant is None else quant['method']}) on {p['device']}: "
             f"cameras {dict(zip(self.mapping.camera_topics, self.mapping.camera_names, strict=True))}, "
-            f"actions on {p['action_topic']} every {1.0 / p['inference_rate']:.3f} s"
+            f"actions on {p['action_topic']} every {1.0 / p['inference_rate']:.3f} s once active"
         )
 
-    # ---- setup -----------------------------------------------------------------------------
-    def _check_mapping(self) -> None:
-        policy, mapping = self.policy, self.mapping
-        unknown = [c for c in mapping.camera_names if c not in policy.camera_names]
-        if unknown:
-            raise ValueError(f"camera_names {unknown} are not cameras of this policy; use {list(policy.camera_names)}.")
-        if policy.state_dim is not None and len(mapping.state_joints) != policy.state_dim:
-            raise ValueError(
-                f"state_joints lists {len(mapping.state_joints)} joints but the policy's state has {policy.state_dim}."
-            )
-        if len(mapping.action_joints) != policy.action_dim:
-            raise ValueError(
-                f"action_joints lists {len(mapping.action_joints)} joints but the policy outputs {policy.action_dim}."
-            )
+    def _own(self, destroy, entity):
+        self._owned.append((destroy, entity))
+        return entity
+
+    def _own_subscription(self, msg_type, topic: str, callback, qos) -> None:
+        self._own(self.destroy_subscription, self.create_subscription(msg_type, topic, callback, qos))
+
+    def _release(self) -> None:
+        """Undo configure: stop publishing, let an inference in flight finish, free the model."""
+        with self._lock:
+            self._active = False
+            self._epoch += 1
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        for destroy, entity in reversed(self._owned):
+            destroy(entity)
+        self._owned.clear()
+        if self.policy is not None:
+            on_cuda = self.policy.device.type == "cuda"
+            self.policy = None
+            gc.collect()
+            if on_cuda:
+                torch.cuda.empty_cache()
 
     def _warm_up(self) -> None:
         """One inference before the first publish, so the first real one is not slow."""
@@ -179,12 +281,27 @@ class PolicyNode(Node):
                 self._dropped_frames += 1
             self._latest[key] = Stored(msg, self.get_clock().now(), time.perf_counter())
 
+    def _store_instruction(self, msg: String) -> None:
+        limit = self._p["max_instruction_length"]
+        if len(msg.data) > limit:
+            # A cut here keeps a huge instruction from being re-tokenized on every inference.
+            with self._lock:
+                self._instructions_cut += 1
+                first = self._instructions_cut == 1
+            if first:
+                self.get_logger().warning(
+                    f"An instruction of {len(msg.data)} characters was cut to max_instruction_length={limit}; "
+                    "send shorter instructions or raise the limit (logged once; see instructions_cut)."
+                )
+            msg = String(data=msg.data[:limit])
+        self._store("instruction", msg)
+
     def _required(self) -> list[str]:
         return [f"camera:{c}" for c in self.mapping.camera_names] + ["instruction", "joint_states"]
 
     def _tick(self) -> None:
         with self._lock:
-            if self._busy:
+            if self._busy or not self._active:
                 return
             now = self.get_clock().now()
             missing = [k for k in self._required() if self._latest.get(k) is None]
@@ -209,80 +326,132 @@ class PolicyNode(Node):
             for stored in snapshot.values():
                 stored.used = True
             self._busy = True
-        self._worker.submit(self._infer, snapshot)
+            epoch = self._epoch
+        self._worker.submit(self._infer, snapshot, epoch)
 
     def _age(self, stored: Stored, now: Time) -> float:
         return (now - stored.received).nanoseconds * 1e-9
 
-    def _drop(self, key: str, error: MessageError) -> None:
-        """Forget a bad message and log its cause once; later good messages are used as usual."""
+    def _bad_input(self, key: str | None, error: MessageError) -> None:
+        """Count a bad input under its cause and log the cause once; forget the message when it is
+        one input's (`key`), so the next good one is used as usual."""
+        what, text = key or "observation", cut(str(error), TEXT_LIMIT)
         with self._lock:
-            self._latest[key] = None
+            if key is not None:
+                self._latest[key] = None
             first = error.cause not in self._bad_messages
             self._bad_messages[error.cause] = self._bad_messages.get(error.cause, 0) + 1
+            self._last_bad = f"{what}: {text}"
+            self._withheld = f"bad input dropped ({error.cause})"
         if first:
-            self.get_logger().warning(f"Dropping {key} message: {error} (logged once per cause).")
+            self.get_logger().warning(f"Dropping {what} message: {text} (logged once per cause).")
 
     # ---- worker ----------------------------------------------------------------------------
     def _observation(self, snapshot: dict[str, Stored]) -> tuple[Observation, Time]:
+        """Convert the snapshot; a bad message is dropped (MessageError) under its input's key."""
+        limit = self._p["max_image_pixels"]
         images = {}
+        observed = None
         for name, kind in zip(self.mapping.camera_names, self.mapping.camera_types, strict=True):
             key = f"camera:{name}"
+            stored = snapshot[key]
+            convert = compressed_to_rgb if kind == "compressed" else image_to_rgb
             try:
-                msg = snapshot[key].msg
-                images[name] = compressed_to_rgb(msg) if kind == "compressed" else image_to_rgb(msg)
+                images[name] = convert(stored.msg, limit)
+                if observed is None:
+                    observed = self._observed(stored)
             except MessageError as e:
-                self._drop(key, e)
+                self._bad_input(key, e)
                 raise
         try:
             state = joint_positions(snapshot["joint_states"].msg, list(self.mapping.state_joints))
         except MessageError as e:
-            self._drop("joint_states", e)
+            self._bad_input("joint_states", e)
             raise
-        if not np.all(np.isfinite(state)):
-            self._drop("joint_states", MessageError("joint-nan", "joint state contains NaN or Inf"))
-            raise MessageError("joint-nan", "joint state contains NaN or Inf")
-        first = snapshot[f"camera:{self.mapping.camera_names[0]}"]
-        stamp = first.msg.header.stamp
-        observed = Time.from_msg(stamp) if stamp_seconds(stamp) > 0 else first.received
         return Observation(images, snapshot["instruction"].msg.data, state), observed
 
-    def _infer(self, snapshot: dict[str, Stored]) -> None:
+    def _observed(self, first: Stored) -> Time:
+        """The first camera's stamp, or its arrival when unstamped; a stamp from the future is refused."""
+        stamp = stamp_nanoseconds(first.msg.header.stamp)
+        if not stamp:
+            return first.received
+        observed = Time(nanoseconds=stamp, clock_type=first.received.clock_type)
+        ahead = (observed - first.received).nanoseconds * 1e-9
+        if ahead > self.max_age:
+            raise MessageError(
+                "stamp",
+                f"header stamp is {ahead:.3g} s ahead of this node's clock; synchronize the sender's clock "
+                "(or, under use_sim_time, stamp with /clock)",
+            )
+        return observed
+
+    def _infer(self, snapshot: dict[str, Stored], epoch: int) -> None:
         try:
             obs, observed = self._observation(snapshot)
             cfg = self.policy.model.cfg
             noise = self.rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
             start = time.perf_counter()
-            chunk = self.policy.predict(obs, noise)
+            try:
+                inputs = self.policy.prepare(obs)
+            except ValueError as e:
+                # prepare checks the observation (image shapes, prompt length, state): its errors are
+                # the input's; an error of the model itself (act) stays an inference failure.
+                self._bad_input(None, MessageError("observation", f"the policy refused the observation: {e}"))
+                return
+            chunk = self.policy.act(inputs, noise)
             latency = time.perf_counter() - start
-            self._actions.publish(self._trajectory(chunk.actions, observed))
-            newest = max(s.arrived for k, s in snapshot.items() if k != "instruction")
-            overhead = time.perf_counter() - newest - latency
-            with self._lock:
-                self._latencies = (self._latencies + [latency])[-200:]
-                self._overheads = (self._overheads + [overhead])[-200:]
-                self._inferences += 1
-                self._withheld = ""
-                self._error = ""
-        except MessageError as e:
-            with self._lock:
-                self._withheld = f"bad input dropped ({e.cause})"
+            if not np.isfinite(chunk.actions).all():
+                with self._lock:
+                    self._withheld = "the policy produced NaN or Inf actions for the last observation"
+                return
+            self._publish(self._trajectory(chunk.actions, observed), snapshot, epoch, latency)
+        except MessageError:
+            pass  # dropped and counted by _observation
         except Exception as e:
-            with self._lock:
-                first = self._error != str(e)
-                self._error = str(e)
-            if first:
-                self.get_logger().error(f"Inference failed: {e}")
+            self._failed(e)
         finally:
             with self._lock:
                 self._busy = False
+
+    def _publish(self, msg: JointTrajectory, snapshot: dict[str, Stored], epoch: int, latency: float) -> None:
+        inputs = [s for k, s in snapshot.items() if k != "instruction"]
+        with self._lock:
+            # Under the lock that deactivation takes, so once it returns nothing more goes out.
+            if not self._active or epoch != self._epoch:
+                return
+            age = max(self._age(s, self.get_clock().now()) for s in inputs)
+            if age > self.max_age:
+                self._stale_at_publish += 1
+                self._withheld = (
+                    f"the observation was {age:.3f} s old when its actions were ready, more than "
+                    f"max_input_age={self.max_age} s"
+                )
+                return
+            self._actions.publish(msg)
+            overhead = time.perf_counter() - max(s.arrived for s in inputs) - latency
+            self._latencies = (self._latencies + [latency])[-200:]
+            self._overheads = (self._overheads + [overhead])[-200:]
+            self._inferences += 1
+            self._withheld = ""
+            self._error = ""
+
+    def _failed(self, error: Exception) -> None:
+        """An inference that failed for a reason other than its input: an ERROR, logged once per kind."""
+        kind = type(error).__name__
+        with self._lock:
+            self._error = cut(f"{kind}: {error}", TEXT_LIMIT)
+            first = kind not in self._failed_types
+            self._failed_types.add(kind)
+        if first:
+            self.get_logger().error(f"Inference failed (logged once per kind of error):\n{traceback.format_exc()}")
 
     def _trajectory(self, actions: np.ndarray, observed: Time) -> JointTrajectory:
         msg = JointTrajectory()
         msg.header.stamp = observed.to_msg()
         msg.joint_names = list(self.mapping.action_joints)
+        dt = self._p["action_dt"]
         for k, row in enumerate(actions):
-            t = (k + 1) * self.action_dt
+            t = (k + 1) * dt
             point = JointTrajectoryPoint(positions=[float(v) for v in row])
             point.time_from_start = Duration(sec=int(t), nanosec=int(round((t - int(t)) * 1e9)))
             msg.points.append(point)
@@ -295,11 +464,15 @@ class PolicyNode(Node):
             latencies = np.array(self._latencies) * 1e3
             overheads = np.array(self._overheads) * 1e3
             ages = {k: (self._age(v, now) if v is not None else None) for k, v in self._latest.items()}
-            withheld, error = self._withheld, self._error
+            active, withheld, error = self._active, self._withheld, self._error
             values = {
+                "state": "active" if active else "inactive",
                 "inferences": str(self._inferences),
                 "dropped_frames": str(self._dropped_frames),
+                "stale_at_publish": str(self._stale_at_publish),
+                "instructions_cut": str(self._instructions_cut),
                 "bad_messages": ", ".join(f"{k}: {v}" for k, v in sorted(self._bad_messages.items())) or "0",
+                "last_bad_message": self._last_bad or "none",
             }
         quant = self.policy.quant_config
         values.update(
@@ -314,7 +487,9 @@ class PolicyNode(Node):
             age = ages.get(key)
             values[f"age_{key}"] = "missing" if age is None else f"{age:.3f}"
         status = DiagnosticStatus(name="quantvla_ros: policy_node", hardware_id=str(self.policy.info.path))
-        if error:
+        if not active:
+            status.level, status.message = DiagnosticStatus.OK, "inactive: no actions until the node is activated"
+        elif error:
             status.level, status.message = DiagnosticStatus.ERROR, f"inference failed: {error}"
         elif withheld:
             status.level, status.message = DiagnosticStatus.WARN, f"actions withheld: {withheld}"
@@ -324,10 +499,6 @@ class PolicyNode(Node):
         array = DiagnosticArray(status=[status])
         array.header.stamp = now.to_msg()
         self._diagnostics.publish(array)
-
-    def destroy_node(self) -> None:
-        self._worker.shutdown(wait=True)
-        super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import subprocess
 import sys
@@ -171,8 +170,13 @@ def test_calibration_node_runs_like_launch_starts_it(checkpoints, bags, tmp_path
     cmd = [str(exe), "--ros-args", *[a for f in files for a in ("--params-file", str(f))]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    manifest = load_buffer(tmp_path / "calib.safetensors").manifest
-    assert manifest["samples"] == 8 and json.dumps(manifest)
+    buffer = load_buffer(tmp_path / "calib.safetensors")
+    manifest = buffer.manifest
+    assert manifest["samples"] == len(buffer) == 8
+    assert [s["bag"] for s in manifest["sources"]] == [b.name for b in bags[:2]]
+    assert manifest["topics"]["cameras"]["/cam/base/image_raw"] == "base_0_rgb"
+    # Prepared exactly as the policy node would prepare these observations for this checkpoint.
+    buffer.check_matches(load_policy(checkpoints[(True, "openpi")]))
 
 
 def test_corrupt_bag_is_named_and_leaves_nothing_behind(checkpoints, bags, tmp_path):
@@ -235,3 +239,34 @@ def test_calibrate_reads_a_folder_of_bags_and_sets_the_artifacts_bits(checkpoint
     assert "Wrote " + str(tmp_path / "w8") + ": rtn W8A8" in capsys.readouterr().out
     buffer = load_buffer(tmp_path / "calib.safetensors")
     assert [s["bag"] for s in buffer.manifest["sources"]] == ["run_mcap", "run_sqlite"]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("folder", "is an existing folder; give the path of a file"),
+        ("under_file", "which is a file; give a path inside a folder"),
+        ("artifact_file", "is an existing file; give the path of a folder"),
+        ("mapping", "camera_names ['top'] are not cameras of this policy"),
+    ],
+)
+def test_outputs_and_mapping_are_checked_before_any_bag_is_read(checkpoints, tmp_path, where, message):
+    (tmp_path / "calib.safetensors").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    calibration = {
+        "folder": {},
+        "under_file": {"buffer": str(tmp_path / "a_file" / "calib.safetensors")},
+        "artifact_file": {"buffer": str(tmp_path / "ok.safetensors"), "artifact": str(tmp_path / "a_file")},
+        "mapping": {"buffer": str(tmp_path / "ok.safetensors")},
+    }[where]
+    # The bag does not exist: a check made only after reading bags would name the bag instead.
+    files = params_files(tmp_path, checkpoints[(True, "openpi")], [tmp_path / "no_bag"], **calibration)
+    if where == "mapping":
+        policy_yaml = yaml.safe_load(files[0].read_text())
+        policy_yaml["/**"]["ros__parameters"].update(camera_names=["top"], camera_topics=["/t"], camera_types=["raw"])
+        files[0].write_text(yaml.safe_dump(policy_yaml))
+    exe = Path(sys.executable).parent / "calibration_node"
+    cmd = [str(exe), "--ros-args", *[a for f in files for a in ("--params-file", str(f))]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert main(["calibrate", *[a for f in files for a in ("--params-file", str(f))]]) == 2

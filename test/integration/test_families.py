@@ -133,7 +133,7 @@ def test_the_simulator_loop_runs_every_family_through_the_policy_node(family, tm
     result = evaluate_over_ros(checkpoint, config_file("sim_policy.yaml"), ["reach"], episodes=1, seed=0, max_steps=10)
     task = result["tasks"]["reach"]
     # Ten simulator steps are two action chunks, each answering its observation over DDS.
-    assert len(task["successes"]) == 1 and task["mean_length"] == 10
+    assert len(task["successes"]) == 1 and task["mean_length"] == 10 and result["via"] == "ros"
 
 
 @pytest.mark.parametrize("family", ["pi0", "smolvla"])

@@ -2,164 +2,18 @@
 
 from __future__ import annotations
 
-import io
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
-import rclpy
-import yaml
 from builtin_interfaces.msg import Time as TimeMsg
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from PIL import Image as PILImage
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from diagnostic_msgs.msg import DiagnosticStatus
+from node_fixtures import ACTION_JOINTS, DT, STATE_JOINTS, joints, jpeg, params, raw_image, start_node, stop
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
-from trajectory_msgs.msg import JointTrajectory
 
 from conftest import ACTION_DIM, STATE_DIM
 
 pytestmark = pytest.mark.integration
-STATE_JOINTS = [f"joint{i}" for i in range(STATE_DIM)]
-ACTION_JOINTS = [f"act{i}" for i in range(ACTION_DIM)]
-DT = 0.05
-
-
-def start_node(params: dict, tmp_path: Path, name: str = "policy") -> subprocess.Popen:
-    """Entry point + params file, exactly what `ros2 launch` runs."""
-    file = tmp_path / f"{name}.yaml"
-    file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
-    exe = Path(sys.executable).parent / "policy_node"
-    return subprocess.Popen(
-        [str(exe), "--ros-args", "--params-file", str(file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ},
-    )
-
-
-def stop(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
-
-
-def params(policy_path: Path, **overrides) -> dict:
-    base = {
-        "policy_path": str(policy_path),
-        "device": "cpu",
-        "camera_names": ["base_0_rgb", "left_wrist_0_rgb"],
-        "camera_topics": ["/test/base/image_raw", "/test/wrist/image_raw/compressed"],
-        "camera_types": ["raw", "compressed"],
-        "instruction_topic": "/test/instruction",
-        "joint_states_topic": "/test/joint_states",
-        "state_joints": STATE_JOINTS,
-        "action_joints": ACTION_JOINTS,
-        "action_topic": "/test/action_chunk",
-        "action_dt": DT,
-        "inference_rate": 10.0,
-        "max_input_age": 0.6,
-        "seed": 0,
-    }
-    base.update(overrides)
-    return base
-
-
-def raw_image(width: int = 40, height: int = 30, pad: int = 8, encoding: str = "rgb8", stamp: float = 0.0) -> Image:
-    rng = np.random.default_rng(0)
-    channels = {"rgb8": 3, "bgr8": 3, "mono8": 1, "rgba8": 4}.get(encoding, 2)
-    step = width * channels + pad
-    data = rng.integers(0, 256, (height, step), dtype=np.uint8)
-    msg = Image(height=height, width=width, encoding=encoding, step=step, data=data.tobytes())
-    msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp), int((stamp % 1) * 1e9)
-    return msg
-
-
-def jpeg(width: int = 32, height: int = 24) -> CompressedImage:
-    buf = io.BytesIO()
-    PILImage.fromarray(np.full((height, width, 3), 120, np.uint8)).save(buf, format="JPEG")
-    return CompressedImage(format="jpeg", data=buf.getvalue())
-
-
-def joints(values=None, names=None) -> JointState:
-    values = np.linspace(-1, 1, STATE_DIM) if values is None else values
-    return JointState(name=names or list(reversed(STATE_JOINTS)), position=[float(v) for v in reversed(values)])
-
-
-class Peer:
-    """The robot side: publishes inputs, collects trajectories and diagnostics."""
-
-    def __init__(self) -> None:
-        self.node = rclpy.create_node(f"peer_{os.getpid()}_{time.monotonic_ns()}")
-        latched = QoSProfile(
-            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-        )
-        self.base = self.node.create_publisher(Image, "/test/base/image_raw", qos_profile_sensor_data)
-        self.wrist = self.node.create_publisher(
-            CompressedImage, "/test/wrist/image_raw/compressed", qos_profile_sensor_data
-        )
-        self.instruction = self.node.create_publisher(String, "/test/instruction", latched)
-        self.joints = self.node.create_publisher(JointState, "/test/joint_states", qos_profile_sensor_data)
-        self.trajectories: list[JointTrajectory] = []
-        self.diagnostics: list[DiagnosticArray] = []
-        self.node.create_subscription(JointTrajectory, "/test/action_chunk", self.trajectories.append, 10)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
-
-    def spin(self, seconds: float, publish=None) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if publish is not None:
-                publish()
-            rclpy.spin_once(self.node, timeout_sec=0.05)
-
-    def wait_for(self, condition, seconds: float, publish=None) -> bool:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if condition():
-                return True
-            self.spin(0.1, publish)
-        return condition()
-
-    def good_inputs(self, stamp: float = 0.0):
-        def publish() -> None:
-            self.base.publish(raw_image(stamp=stamp))
-            self.wrist.publish(jpeg())
-            self.joints.publish(joints())
-
-        return publish
-
-    def last_status(self):
-        statuses = [s for d in self.diagnostics for s in d.status if s.name == "quantvla_ros: policy_node"]
-        return statuses[-1] if statuses else None
-
-
-@pytest.fixture(scope="module")
-def ros():
-    rclpy.init()
-    yield
-    rclpy.shutdown()
-
-
-@pytest.fixture
-def peer(ros):
-    p = Peer()
-    yield p
-    p.node.destroy_node()
-
-
-@pytest.fixture(scope="module")
-def policy_path(checkpoints) -> Path:
-    return checkpoints[(True, "openpi")]
 
 
 def test_node_publishes_action_chunks_and_diagnostics(policy_path, peer, tmp_path):
@@ -216,7 +70,7 @@ def test_bad_messages_are_dropped_and_the_node_keeps_serving(policy_path, peer, 
         count = len(peer.trajectories)
         assert peer.wait_for(lambda: len(peer.trajectories) >= count + 3, 30, good), stop(proc)
         assert proc.poll() is None
-        causes = ("encoding:yuv422", "data", "decode", "joint-missing", "joint-nan", "joint-size")
+        causes = ("encoding", "data", "decode", "joint-missing", "joint-nan", "joint-size")
 
         def bad_messages() -> str:
             status = peer.last_status()
@@ -276,12 +130,16 @@ def test_stale_or_missing_inputs_withhold_actions(policy_path, peer, tmp_path):
         ({"action_joints": ["a", "b"]}, "action_joints lists 2 joints but the policy outputs 4"),
         ({"camera_types": ["raw", "h264"]}, "camera_types ['h264'] are not allowed"),
         ({"image_qos": "FAST"}, "QoS 'FAST' is not known"),
+        ({"max_image_pixels": 0}, "max_image_pixels, max_instruction_length must be positive"),
     ],
-    ids=["bad-path", "unknown-camera", "action-joints", "image-type", "qos"],
+    ids=["bad-path", "unknown-camera", "action-joints", "image-type", "qos", "pixel-limit"],
 )
 def test_configuration_errors_exit_with_one_sentence(policy_path, tmp_path, overrides, message):
     proc = start_node({**params(policy_path), **overrides}, tmp_path)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        out = stop(proc)
     assert proc.returncode == 2
     assert message in out and "Traceback" not in out
 

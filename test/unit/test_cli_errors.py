@@ -41,6 +41,7 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch):
 
 
 def test_the_parser_spells_the_methods_and_transforms_of_quant_config():
-    from quantvla_ros.quant.config import METHODS, TRANSFORMS
+    from quantvla_ros.quant.config import ATM_KEYS, METHODS, STAT_POOLINGS, TRANSFORMS
 
     assert cli.METHOD_NAMES == tuple(METHODS) and cli.TRANSFORM_NAMES == TRANSFORMS
+    assert cli.STAT_POOLING_NAMES == STAT_POOLINGS and cli.ATM_KEY_NAMES == ATM_KEYS

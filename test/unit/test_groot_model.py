@@ -176,7 +176,9 @@ def test_attention_sites_are_the_dit_blocks(full):
 
 def test_attention_observer_sees_every_dit_attention_on_every_step(model):
     records = []
-    model.attention_observer = lambda site, q, k, allowed: records.append((site, q.shape, k.shape, allowed.clone()))
+    model.attention_observer = lambda site, q, k, allowed, own: records.append(
+        (site, q.shape, k.shape, allowed.clone())
+    )
     x = inputs()
     try:
         model.sample_actions(**x)

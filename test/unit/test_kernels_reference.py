@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from quantvla_kernels import (
+    code_sums,
     int_matmul,
     pack_int4,
     quantize_per_token,
+    quantize_per_token_asym,
     scaled_int_matmul,
     unpack_int4,
     w4a4_linear,
@@ -98,6 +100,36 @@ def test_quantize_per_token_zero_rows_and_rounding():
     assert q[1].tolist() == [127, 0, 2, -2]  # round half to even
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("offset", [0.0, 3.0, -3.0], ids=["centred", "positive", "negative"])
+def test_quantize_per_token_asym_error_bound_and_grid(bits, offset):
+    x = torch.randn(17, 200, generator=_gen()) * torch.logspace(-3, 2, 17)[:, None] + offset
+    q, step, zero = quantize_per_token_asym(x, bits)
+    levels, shift = 2**bits - 1, 2 ** (bits - 1)
+    assert q.dtype == torch.int8 and step.dtype == torch.float32 and zero.dtype == torch.int32
+    assert zero.shape == step.shape == (17, 1)
+    # The unsigned grid 0..2^b-1, shifted by -2^(b-1) into int8.
+    assert q.min() >= -shift and q.max() <= levels - shift and zero.min() >= -shift and zero.max() <= levels - shift
+    # The row's range, widened to include 0, ends on the grid's ends.
+    assert bool((q.amax(dim=1)[x.amax(dim=1) > 0] == levels - shift).all())
+    assert bool((q.amin(dim=1)[x.amin(dim=1) < 0] == -shift).all())
+    err = (x.double() - (q.double() - zero.double()) * step.double()).abs()
+    assert (err <= step.double() * (0.5 + levels * 2**-22)).all()
+    # A one-sided row spends no level on the empty side: about half the step of symmetric codes.
+    one_sided = (x > 0).all(dim=1) | (x < 0).all(dim=1)
+    assert bool(one_sided.any()) == bool(offset)
+    _, scale = quantize_per_token(x, bits)
+    assert bool((step[one_sided] < 0.51 * scale[one_sided]).all())
+
+
+def test_quantize_per_token_asym_keeps_zero_exact_and_zero_rows():
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 2.55], [-2.55, 0.0, -1.0]])
+    q, step, zero = quantize_per_token_asym(x, 8)
+    assert torch.equal(q[0], zero[0].expand(3).to(torch.int8)) and step[0].item() > 0
+    assert ((q.int() - zero) * (x == 0)).abs().max() == 0  # 0 is a code exactly
+    assert (q[1] - zero[1]).tolist() == [0, 100, 255] and (q[2] - zero[2]).tolist() == [-255, 0, -100]
+
+
 def test_quantize_per_token_rejects_bad_input():
     with pytest.raises(ValueError, match="bits must be 4 or 8, got 3"):
         quantize_per_token(torch.zeros(2, 4), 3)
@@ -187,6 +219,32 @@ def test_scaled_int_matmul_matches_float64_dequant(m, k, n, group_size):
     # group sum, scale product and bias add, each relative to the magnitudes it combines.
     magnitude = _dequant_reference(a_q.abs(), a_scale, w_q.abs(), w_scale, group_size, bias.abs())
     assert ((y.double() - ref).abs() <= (groups + 3) * 2**-24 * magnitude).all()
+
+
+@pytest.mark.parametrize("group_size", [None, 24])
+def test_scaled_int_matmul_with_a_zero_point_is_the_shifted_product(group_size):
+    gen = _gen()
+    m, k, n = 9, 72, 40
+    x = torch.randn(m, k, generator=gen) + 1.5
+    a_q, a_scale, a_zero = quantize_per_token_asym(x, 8)
+    w_q = _int8((n, k), gen, -8, 8)
+    groups = 1 if group_size is None else k // group_size
+    w_scale = (torch.rand(n, groups, generator=gen) + 0.01).squeeze(1) if group_size is None else torch.rand(n, groups)
+    w_sum = code_sums(w_q, group_size)
+    assert torch.equal(w_sum.reshape(n, groups), w_q.reshape(n, groups, -1).sum(dim=2).int())
+    y = scaled_int_matmul(a_q, a_scale, w_q, w_scale, group_size, None, torch.float32, a_zero, w_sum)
+    # The same GEMM on the shifted codes q - zero, which int16 holds, in float64.
+    ref = _dequant_reference(a_q.short() - a_zero.short(), a_scale, w_q, w_scale, group_size, None)
+    magnitude = _dequant_reference((a_q.short() - a_zero.short()).abs(), a_scale, w_q.abs(), w_scale, group_size, None)
+    assert ((y.double() - ref).abs() <= (groups + 3) * 2**-24 * magnitude).all()
+    with pytest.raises(ValueError, match="a_zero and w_sum come together"):
+        scaled_int_matmul(a_q, a_scale, w_q, w_scale, group_size, a_zero=a_zero)
+    with pytest.raises(ValueError, match=r"w_sum must be int32"):
+        scaled_int_matmul(a_q, a_scale, w_q, w_scale, group_size, a_zero=a_zero, w_sum=w_sum.float())
+    long_k = torch.zeros(1, 2**16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="with a zero point K must be at most 65535"):
+        scaled_int_matmul(long_k, torch.ones(1, 1), long_k, torch.ones(1), None, None, torch.float32,
+                          torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))  # fmt: skip
 
 
 def test_scaled_int_matmul_group_scales_act_per_group():

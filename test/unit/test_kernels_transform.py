@@ -1,10 +1,12 @@
 """The fused input transform + activation quantization kernel, run by Triton's CPU interpreter.
 
-The reference is QuantLinear's unfused path: InputTransform.apply on float32 x, then
-quantize_per_token (or quantize_per_channel with static scales). Codes and scales must be
-bit-identical, since the kernel does the reference's float32 operations in the reference's order.
-Every output is poisoned first, so an element the kernel fails to write cannot pass. The
-interpreter runs one program (row) at a time, so most cases use few rows.
+The kernel rotates each Hadamard block with log2 b butterflies (u + v, u - v); the torch transform
+(InputTransform.apply) with one b × b product, which agrees to float32 rounding. So the kernel is
+checked bit for bit against the same steps written out here with butterflies in torch, then
+quantize_per_token / quantize_per_token_asym / quantize_per_channel; and the butterflies against
+InputTransform.apply to float32 rounding. Every output is poisoned first, so an element the kernel
+fails to write cannot pass. The interpreter runs one program (row) at a time, so most cases use
+few rows.
 """
 
 import os
@@ -14,11 +16,19 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import itertools
+import math
 
 import pytest
 import torch
 
-from quantvla_kernels import dispatch, fuses_transform, quantize_per_channel, quantize_per_token, quantized_matmul
+from quantvla_kernels import (
+    dispatch,
+    fuses_transform,
+    quantize_per_channel,
+    quantize_per_token,
+    quantize_per_token_asym,
+    quantized_matmul,
+)
 from quantvla_kernels import triton_transform as tt
 from quantvla_kernels._triton import interpreted
 from quantvla_ros.quant.linear import QuantLinear
@@ -38,8 +48,9 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _poisoned(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.full((m, k), -128, dtype=torch.int8), torch.full((m, 1), float("nan"))
+def _poisoned(m: int, k: int, zero: bool = False) -> tuple[torch.Tensor, ...]:
+    codes_and_scales = (torch.full((m, k), -128, dtype=torch.int8), torch.full((m, 1), float("nan")))
+    return (*codes_and_scales, torch.full((m, 1), -(2**31), dtype=torch.int32)) if zero else codes_and_scales
 
 
 def _input(m: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -62,19 +73,57 @@ def _steps(k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
+def _butterflies(t: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """t [M, K] @ blockdiag(diag(signs) H_b / √b) in the kernel's float32 operations and order."""
+    m, k = t.shape
+    nb, b = signs.shape
+    t = t.reshape(m, nb, b) * signs
+    h = 1
+    while h < b:
+        pairs = t.view(m, nb, b // (2 * h), 2, h)
+        u, v = pairs[..., 0, :], pairs[..., 1, :]
+        t = torch.stack((u + v, u - v), dim=-2).reshape(m, nb, b)
+        h *= 2
+    return (t * (1 / math.sqrt(b))).reshape(m, k)
+
+
+def _transformed(x: torch.Tensor, steps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The kernel's transform of x, step by step in torch; InputTransform.apply to float32 rounding."""
+    t = x.float()
+    for name in STEPS:
+        if name not in steps:
+            continue
+        if name == "smooth":
+            t = t / steps[name]
+        elif name == "perm":
+            t = t[:, steps[name]]
+        else:
+            t = _butterflies(t, steps[name])
+    if steps:
+        reference = InputTransform(**steps).apply(x.float())
+        torch.testing.assert_close(t, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
+    return t
+
+
 def _check(x: torch.Tensor, bits: int, steps: dict[str, torch.Tensor], gen: torch.Generator) -> None:
-    """Per token and with static scales: the kernel's codes and scales against the torch reference."""
+    """Per token (symmetric, with a zero point) and with static scales: the kernel's codes, scales
+    and zero points against the torch reference."""
     m, k = x.shape
-    t = InputTransform(**steps).apply(x.float()) if steps else x.float()
+    t = _transformed(x, steps)
     args = [steps.get(name) for name in STEPS]
     out = _poisoned(m, k)
-    q, scale = tt.transform_quantize_rows(x, bits, *args, out=out)
+    q, scale, zero = tt.transform_quantize_rows(x, bits, *args, out=out)
     ref_q, ref_scale = quantize_per_token(t, bits)
-    assert q is out[0] and scale is out[1]
+    assert q is out[0] and scale is out[1] and zero is None
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
 
+    out = _poisoned(m, k, zero=True)
+    got = tt.transform_quantize_rows(x, bits, *args, out=out, asymmetric=True)
+    assert all(a is b for a, b in zip(got, out, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(got, quantize_per_token_asym(t, bits), strict=True))
+
     static = torch.rand(k, generator=gen) * t.abs().amax(dim=0) / 50 + 1e-4  # saturates many values
-    q, scale = tt.transform_quantize_rows(x, bits, *args, static_scale=static, out=_poisoned(m, k))
+    q, scale, _ = tt.transform_quantize_rows(x, bits, *args, static_scale=static, out=_poisoned(m, k))
     ref_q, ref_scale = quantize_per_channel(t, static, bits)
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
 
@@ -112,7 +161,7 @@ def test_action_expert_rows():
 def test_rounds_half_to_even_after_the_transform():
     # Smoothing by 1/2 doubles each value exactly: scale 1, and 0.25 -> 0.5 -> 0, 0.75 -> 1.5 -> 2.
     x = torch.tensor([[63.5, 0.25, 0.75, -1.25]])
-    q, scale = tt.transform_quantize_rows(x, 8, smooth=torch.full((4,), 0.5))
+    q, scale, _ = tt.transform_quantize_rows(x, 8, smooth=torch.full((4,), 0.5))
     assert q.tolist() == [[127, 0, 2, -2]] and scale.item() == 1.0
 
 
@@ -134,8 +183,12 @@ def test_transform_quantize_rows_rejects_bad_input():
         tt.transform_quantize_rows(x, 8, signs1=signs, signs2=torch.ones(6, 16, dtype=torch.int8))
     with pytest.raises(ValueError, match=r"signs1 must be int8 \[K / b, b\]=\[3, 32\], got torch.float32"):
         tt.transform_quantize_rows(x, 8, signs1=signs.float())
-    with pytest.raises(ValueError, match=r"out must be \(int8 \[2, 96\], float32 \[2, 1\]\)"):
+    with pytest.raises(ValueError, match=r"out must be torch.int8 \[2, 96\], torch.float32 \[2, 1\]\."):
         tt.transform_quantize_rows(x, 8, signs1=signs, out=_poisoned(2, 95))
+    with pytest.raises(ValueError, match=r"out must be .*torch.int32 \[2, 1\]"):
+        tt.transform_quantize_rows(x, 8, signs1=signs, out=_poisoned(2, 96), asymmetric=True)
+    with pytest.raises(ValueError, match="static per-channel scales are symmetric"):
+        tt.transform_quantize_rows(x, 8, static_scale=torch.ones(96), asymmetric=True)
 
 
 # --- QuantLinear on the Triton path: fused against unfused -------------------------------------
@@ -163,17 +216,24 @@ def _duquant_layer(k: int, n: int, w_bits: int, a_bits: int, rotation: str = "ha
 
 @pytest.mark.parametrize(
     "w_bits, a_bits, kwargs",
-    [(4, 8, {"group_size": 64}), (8, 8, {}), (8, 8, {"input_scale": torch.rand(128, generator=_gen(1)) * 0.05 + 0.01})],
-    ids=["W4A8-g64", "W8A8", "W8A8-static"],
+    [
+        (4, 8, {"group_size": 64}),
+        (8, 8, {}),
+        (8, 8, {"input_scale": torch.rand(128, generator=_gen(1)) * 0.05 + 0.01}),
+        (4, 8, {"asymmetric": True}),
+        (4, 4, {"group_size": 64, "asymmetric": True}),
+    ],
+    ids=["W4A8-g64", "W8A8", "W8A8-static", "W4A8-asym", "W4A4-g64-asym"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_fused_path_equals_the_unfused_triton_path(triton_path, w_bits, a_bits, kwargs, dtype):
     layer = _duquant_layer(128, 40, w_bits, a_bits, **kwargs)
     assert layer.transform_kind == "smooth+rotation1_signs+perm+rotation2_signs"
     x = _input(6, 128, dtype, _gen(w_bits + len(kwargs))).reshape(2, 3, 128)
+    steps = {name: getattr(layer, f"input_{name}") for name in STEPS}
     with torch.no_grad():
         fused = layer(x)
-        unfused = dispatch._triton_matmul(layer.transform.apply(x.reshape(6, 128).float()), layer, dtype)
+        unfused = dispatch._triton_matmul(_transformed(x.reshape(6, 128), steps), layer, dtype)
     assert triton_path == [1]
     assert fused.shape == (2, 3, 40) and fused.dtype == dtype
     assert torch.equal(fused.reshape(6, 40), unfused)

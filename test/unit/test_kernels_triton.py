@@ -21,11 +21,13 @@ import pytest
 import torch
 
 from quantvla_kernels import (
+    code_sums,
     dispatch,
     int_matmul,
     pack_int4,
     quantize_per_channel,
     quantize_per_token,
+    quantize_per_token_asym,
     quantized_matmul,
     scaled_int_matmul,
     triton_gemm,
@@ -85,24 +87,30 @@ def test_quantize_rows_is_bit_identical(dtype, bits, m, k):
     gen = _gen(m * k + bits)
     x = (torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, m)[:, None]).to(dtype)
     out = (_poisoned((m, k), torch.int8), _poisoned((m, 1), torch.float32))
-    q, scale = triton_quant.quantize_rows(x, bits, out=out)
+    q, scale, zero = triton_quant.quantize_rows(x, bits, out=out)
     ref_q, ref_scale = quantize_per_token(x, bits)
-    assert q is out[0] and torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+    assert q is out[0] and zero is None and torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+
+    out = (_poisoned((m, k), torch.int8), _poisoned((m, 1), torch.float32), _poisoned((m, 1), torch.int32))
+    got = triton_quant.quantize_rows(x + 0.3 * x.abs().amax(), bits, out=out, asymmetric=True)  # one-sided rows too
+    assert all(a is b for a, b in zip(got, out, strict=True))
+    ref = quantize_per_token_asym(x + 0.3 * x.abs().amax(), bits)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
     static = torch.rand(k, generator=gen) * x.float().abs().amax(dim=0) / 100 + 1e-4  # clamps many values
     out = (_poisoned((m, k), torch.int8), _poisoned((m, 1), torch.float32))
-    q, scale = triton_quant.quantize_rows(x, bits, static, out=out)
+    q, scale, _ = triton_quant.quantize_rows(x, bits, static, out=out)
     ref_q, ref_scale = quantize_per_channel(x, static, bits)
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
 
 
 def test_quantize_rows_rounds_half_to_even_and_keeps_zero_rows():
     x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [127.0, 0.5, 1.5, -2.5], [-7.0, 3.5, 4.5, -0.5]])
-    q, scale = triton_quant.quantize_rows(x, 8)
+    q, scale, _ = triton_quant.quantize_rows(x, 8)
     assert q[:2].tolist() == [[0, 0, 0, 0], [127, 0, 2, -2]]  # scale 1: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2
     assert scale[0].item() == torch.finfo(torch.float32).tiny and scale[1].item() == 1.0
     assert torch.equal(q, quantize_per_token(x, 8)[0])
-    q, _ = triton_quant.quantize_rows(x[2:], 4)
+    q, _, _ = triton_quant.quantize_rows(x[2:], 4)
     assert q.tolist() == [[-7, 4, 4, 0]]  # scale 1: 3.5 -> 4 and 4.5 -> 4
 
 
@@ -113,6 +121,10 @@ def test_quantize_rows_rejects_bad_input():
         triton_quant.quantize_rows(torch.zeros(2, 4, dtype=torch.int8), 8)
     with pytest.raises(ValueError, match=r"static_scale must be \[K\]=\[4\]"):
         triton_quant.quantize_rows(torch.zeros(2, 4), 8, torch.ones(3))
+    with pytest.raises(ValueError, match="static per-channel scales are symmetric"):
+        triton_quant.quantize_rows(torch.zeros(2, 4), 8, torch.ones(4), asymmetric=True)
+    with pytest.raises(ValueError, match=r"out must be torch.int8 \[2, 4\], torch.float32 \[2, 1\], torch.int32"):
+        triton_quant.quantize_rows(torch.zeros(2, 4), 8, out=(torch.zeros(2, 4, dtype=torch.int8),), asymmetric=True)
 
 
 # --- GEMMs --------------------------------------------------------------------------------------
@@ -189,6 +201,46 @@ def test_scaled_int_gemm_matches_reference(m, k, n, w_bits, group_size, split_k)
     _assert_close_to_reference(y, ref, exact=group_size is None or split_k == 1)
 
 
+@pytest.mark.parametrize("m, k, n", SHAPES)
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_scaled_int_gemm_with_a_zero_point_matches_reference(m, k, n, w_bits, group_size, split_k):
+    gen = _gen(m + k + n + w_bits + (group_size or 0) + split_k)
+    if group_size is not None:
+        k = 256
+    x = torch.randn(m, k, generator=gen) + 1.0
+    a_q, a_scale, a_zero = quantize_per_token_asym(x, (8, 4)[(m + split_k) % 2])
+    w_q, w = _weights(n, k, w_bits, gen)
+    w_scale = torch.rand(n, *(() if group_size is None else (k // group_size,)), generator=gen) * 0.01 + 1e-3
+    w_sum = code_sums(w_q, group_size)
+    y = triton_gemm.scaled_int_gemm(
+        a_q, a_scale, w, w_scale, w_bits, group_size, None, torch.float32, split_k,
+        out=_poisoned((m, n), torch.float32), a_zero=a_zero, w_sum=w_sum,
+    )  # fmt: skip
+    ref = scaled_int_matmul(a_q, a_scale, w_q, w_scale, group_size, None, torch.float32, a_zero, w_sum)
+    _assert_close_to_reference(y, ref, exact=group_size is None or split_k == 1)
+
+
+@pytest.mark.parametrize("group_size", [None, 512])
+def test_zero_point_correction_holds_the_extreme_sums(group_size):
+    # (q - zero) = -255 against weight codes of ±128 over K = 1024: int32 wraps inside the
+    # correction (a_q * w and zero * w_sum each reach ~2**25) but the corrected sum is exact.
+    k, n = 1024, 40
+    a_q = torch.full((17, k), -128, dtype=torch.int8)
+    a_zero = torch.full((17, 1), 127, dtype=torch.int32)
+    w_q = torch.full((n, k), -128, dtype=torch.int8)
+    w_q[1::2] = 127
+    w_scale = torch.ones(n) if group_size is None else torch.ones(n, k // group_size)
+    w_sum = code_sums(w_q, group_size)
+    y = triton_gemm.scaled_int_gemm(
+        a_q, torch.ones(17, 1), w_q, w_scale, 8, group_size, split_k=2, a_zero=a_zero, w_sum=w_sum
+    )
+    assert y[0, 0].item() == (-128 - 127) * -128 * k
+    assert torch.equal(y, scaled_int_matmul(a_q, torch.ones(17, 1), w_q, w_scale, group_size, None, torch.float32,
+                                            a_zero, w_sum))  # fmt: skip
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_scaled_int_gemm_out_dtypes_with_bias(out_dtype):
     gen = _gen(1)
@@ -226,6 +278,12 @@ def test_gemms_reject_bad_input():
         triton_gemm.int_gemm(a_q, w8, 8, config={"BM": 16, "BN": 32})
     with pytest.raises(ValueError, match="BK must divide 32"):
         triton_gemm.scaled_int_gemm(a_q, *ones[:1], w8, torch.ones(8, 2), 8, 32, config={"BM": 16, "BN": 32, "BK": 64})
+    with pytest.raises(ValueError, match="a_zero and w_sum come together"):
+        triton_gemm.scaled_int_gemm(a_q, *ones[:1], w8, ones[1], 8, a_zero=torch.zeros(4, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"w_sum must be int32 \[8\]"):
+        triton_gemm.scaled_int_gemm(
+            a_q, *ones[:1], w8, ones[1], 8, a_zero=torch.zeros(4, 1, dtype=torch.int32), w_sum=torch.zeros(8, 2)
+        )
     with pytest.raises(ValueError, match=r"out must be torch.bfloat16 \[4, 8\]"):
         triton_gemm.scaled_int_gemm(a_q, *ones[:1], w8, ones[1], 8, out_dtype=torch.bfloat16, out=torch.empty(4, 8))
 
@@ -233,13 +291,14 @@ def test_gemms_reject_bad_input():
 # --- whole layers: quantize + GEMM, as QuantLinear runs them on CUDA ----------------------------
 
 
-def _layer(k, n, w_bits, a_bits, group_size=None, static=False, gen=None):
+def _layer(k, n, w_bits, a_bits, group_size=None, static=False, gen=None, asymmetric=False):
     w_q, w = _weights(n, k, w_bits, gen)
     w_scale = torch.rand(n, *(() if group_size is None else (k // group_size,)), generator=gen) * 0.01 + 1e-3
     return SimpleNamespace(
         weight_packed=w, weight_scale=w_scale, bias=torch.randn(n, generator=gen), in_features=k,
         w_bits=w_bits, a_bits=a_bits, group_size=group_size, w_q=w_q,
         input_scale=torch.rand(k, generator=gen) * 0.02 + 1e-3 if static else None,
+        weight_sum=code_sums(w_q, group_size) if asymmetric else None,
     )  # fmt: skip
 
 
@@ -249,27 +308,39 @@ def _layer(k, n, w_bits, a_bits, group_size=None, static=False, gen=None):
     ids=["W8A8", "W4A8", "W4A4"],
 )
 @pytest.mark.parametrize("m", [1, 50])
-def test_triton_layer_path_matches_reference_linears(w_bits, a_bits, reference, m):
+@pytest.mark.parametrize("asymmetric", [False, True], ids=["symmetric", "zero-point"])
+def test_triton_layer_path_matches_reference_linears(w_bits, a_bits, reference, m, asymmetric):
     gen = _gen(m + w_bits + a_bits)
     k, n = 256, 72
-    layer = _layer(k, n, w_bits, a_bits, group_size=None if m == 1 else 64, gen=gen)
-    x = torch.randn(m, k, generator=gen) * 3
+    layer = _layer(k, n, w_bits, a_bits, group_size=None if m == 1 else 64, gen=gen, asymmetric=asymmetric)
+    x = torch.randn(m, k, generator=gen) * 3 + asymmetric  # rows off centre, where a zero point helps
     y = dispatch._triton_matmul(x, layer, torch.float32)
     if w_bits == 8:
-        ref = reference(x, layer.w_q, layer.weight_scale, layer.group_size, layer.bias)
+        ref = reference(x, layer.w_q, layer.weight_scale, layer.group_size, layer.bias, asymmetric=asymmetric)
     else:
-        ref = reference(x, layer.weight_packed, layer.weight_scale, k, layer.group_size, layer.bias)
+        ref = reference(
+            x, layer.weight_packed, layer.weight_scale, k, layer.group_size, layer.bias, asymmetric=asymmetric
+        )
     assert torch.equal(y, ref)
 
 
 @pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 8), (4, 4)])
-@pytest.mark.parametrize("static", [False, True])
-def test_quantized_matmul_on_cpu_is_the_reference_and_triton_agrees(w_bits, a_bits, static):
-    gen = _gen(w_bits * a_bits + static)
-    layer = _layer(200, 72, w_bits, a_bits, static=static, gen=gen)
+@pytest.mark.parametrize("activations", ["per-token", "zero-point", "static"])
+def test_quantized_matmul_on_cpu_is_the_reference_and_triton_agrees(w_bits, a_bits, activations):
+    gen = _gen(w_bits * a_bits + len(activations))
+    static, asymmetric = activations == "static", activations == "zero-point"
+    layer = _layer(200, 72, w_bits, a_bits, static=static, gen=gen, asymmetric=asymmetric)
     x = torch.randn(17, 200, generator=gen)
-    quantize = quantize_per_token(x, a_bits) if not static else quantize_per_channel(x, layer.input_scale, a_bits)
-    ref = scaled_int_matmul(*quantize, layer.w_q, layer.weight_scale, None, layer.bias, torch.bfloat16)
+    if static:
+        a_q, a_scale = quantize_per_channel(x, layer.input_scale, a_bits)
+        a_zero = None
+    elif asymmetric:
+        a_q, a_scale, a_zero = quantize_per_token_asym(x, a_bits)
+    else:
+        (a_q, a_scale), a_zero = quantize_per_token(x, a_bits), None
+    ref = scaled_int_matmul(
+        a_q, a_scale, layer.w_q, layer.weight_scale, None, layer.bias, torch.bfloat16, a_zero, layer.weight_sum
+    )
     assert not uses_triton(x, layer)
     assert torch.equal(quantized_matmul(x, layer, torch.bfloat16), ref)
     _assert_close_to_reference(dispatch._triton_matmul(x, layer, torch.bfloat16), ref, exact=True)
@@ -286,6 +357,7 @@ def test_quantized_matmul_matches_quantlinear():
     for kwargs in [
         dict(w_bits=4, a_bits=8, group_size=64),
         dict(w_bits=8, a_bits=8, input_scale=torch.rand(256) + 0.1),
+        dict(w_bits=4, a_bits=4, asymmetric=True),
     ]:
         layer = QuantLinear.from_float(linear, **kwargs)
         with torch.no_grad():
@@ -312,7 +384,7 @@ import torch
 from types import SimpleNamespace
 import quantvla_kernels
 layer = SimpleNamespace(weight_packed=torch.ones(3, 8, dtype=torch.int8), weight_scale=torch.ones(3), bias=None,
-                        input_scale=None, in_features=8, w_bits=8, a_bits=8, group_size=None)
+                        input_scale=None, weight_sum=None, in_features=8, w_bits=8, a_bits=8, group_size=None)
 print(quantvla_kernels.quantized_matmul(torch.ones(2, 8), layer, torch.float32).sum().item())
 try:
     import quantvla_kernels.triton_gemm
@@ -337,7 +409,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from quantvla_kernels import int_matmul, pack_int4, quantize_per_token, triton_gemm, triton_quant
 x = torch.randn(17, 200)
-q, scale = triton_quant.quantize_rows(x, 8)
+q, scale, _ = triton_quant.quantize_rows(x, 8)
 assert torch.equal(q, quantize_per_token(x, 8)[0])
 w = torch.randint(-8, 8, (72, 200), dtype=torch.int8)
 assert torch.equal(triton_gemm.int_gemm(q, pack_int4(w), 4, split_k=3), int_matmul(q, w))

@@ -46,7 +46,20 @@ def test_launch_file_compiles_and_starts_installed_executables(path):
     assert {"params_file", "use_sim_time"} <= declared
 
 
-def test_policy_config_sets_only_parameters_the_node_declares():
-    params = yaml.safe_load((ROOT / "config" / "policy.yaml").read_text())["/**"]["ros__parameters"]
-    assert set(params) <= set(PARAMETERS)
+def test_policy_launch_starts_a_lifecycle_node_with_autostart_and_namespace():
+    tree = ast.parse((ROOT / "launch" / "policy.launch.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    nodes = [c for c in calls if getattr(c.func, "id", "") == "LifecycleNode"]
+    assert nodes and not [c for c in calls if getattr(c.func, "id", "") == "Node"]
+    # launch_ros requires a lifecycle node's namespace; `common` carries it with the name.
+    common = next(c for c in calls if getattr(c.func, "id", "") == "dict")
+    assert {"name", "namespace", "executable"} <= {kw.arg for kw in common.keywords}
+    declared = {c.args[0].value for c in calls if getattr(c.func, "id", "") == "DeclareLaunchArgument"}
+    assert {"autostart", "namespace"} <= declared and "autostart" in PARAMETERS
+
+
+@pytest.mark.parametrize("name", ["policy.yaml", "sim_policy.yaml"])
+def test_policy_configs_set_only_parameters_the_node_declares(name):
+    params = yaml.safe_load((ROOT / "config" / name).read_text())["/**"]["ros__parameters"]
+    assert set(params) - {"use_sim_time"} <= set(PARAMETERS)
     assert len(params["camera_names"]) == len(params["camera_topics"]) == len(params["camera_types"])

@@ -28,7 +28,7 @@ def test_another_folder_or_a_file_is_refused_whatever_the_flag(tmp_path):
         with pytest.raises(QuantVLAError, match=r"--out .*bag is a non-empty folder that is not a report"):
             check_output_folder(tmp_path / "bag", "--out", REPORT, overwrite)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(QuantVLAError, match="is a file"):
+    with pytest.raises(QuantVLAError, match="is an existing file"):
         check_output_folder(tmp_path / "file", "--out", REPORT, overwrite=True)
 
 

@@ -22,7 +22,8 @@ def test_package_xml_is_format_3_ament_python_with_the_runtime_dependencies():
     assert root.findtext("export/build_type") == "ament_python"
     assert root.findtext("buildtool_depend") == "ament_python"
     exec_depends = {e.text for e in root.findall("exec_depend")}
-    assert {"rclpy", "sensor_msgs", "std_msgs", "trajectory_msgs", "diagnostic_msgs", "launch_ros"} <= exec_depends
+    messages = {"sensor_msgs", "std_msgs", "trajectory_msgs", "diagnostic_msgs", "lifecycle_msgs"}
+    assert {"rclpy", "launch_ros", *messages} <= exec_depends
 
 
 def test_scripts_install_where_ros2_run_looks_and_the_marker_exists():

@@ -18,6 +18,7 @@ from quantvla_ros.models.common.normalizer import (
 )
 from quantvla_ros.models.pi0.checkpoint import load_openpi_norm_stats, save_openpi_norm_stats
 from quantvla_ros.models.pi0.processor import discretize_state, resize_with_pad
+from quantvla_ros.models.smolvla.processor import resize_with_pad_top_left
 
 pytestmark = pytest.mark.unit
 
@@ -70,6 +71,16 @@ def test_resize_with_pad_matches_antialiased_bilinear():
     )
     ref = ref.round().clamp(0, 255)[0].permute(1, 2, 0).numpy()
     assert np.abs(out[56:168].astype(np.int32) - ref.astype(np.int32)).max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 3), (300, 1, 3), (2, 1000, 3)])
+def test_resize_with_pad_extreme_aspect_ratio_keeps_a_one_pixel_line(shape):
+    # Past 64:1 at 224 (here 300:1 and 500:1) the scaled side used to truncate to 0 pixels.
+    out = resize_with_pad(np.full(shape, 200, dtype=np.uint8), 224, 224)
+    assert out.shape == (224, 224, 3) and (out == 200).any()
+    # SmolVLA's top-left padding at 512 had the same truncation.
+    out = resize_with_pad_top_left(np.full(shape, 200, dtype=np.uint8), 512)
+    assert out.shape == (3, 512, 512) and (out > 0.7).any()
 
 
 def test_resize_with_pad_same_size_is_a_copy():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantvla_kernels import quantize_per_channel, quantize_per_token
+from quantvla_kernels import code_sums, quantize_per_channel, quantize_per_token, quantize_per_token_asym
 from quantvla_ros.quant.activations import ActivationQuantizer, percentile_channel_scales
 from quantvla_ros.quant.linear import QuantLinear
 from quantvla_ros.quant.transforms import (
@@ -316,6 +316,7 @@ def _reference_forward(
     group_size: int | None,
     transform: InputTransform | None = None,
     input_scale: torch.Tensor | None = None,
+    asymmetric: bool = False,
 ) -> torch.Tensor:
     """The same quantized math, written out in float64 from the weight quantizer and the kernels' activation one."""
     w = lin.weight.detach().float()
@@ -329,6 +330,9 @@ def _reference_forward(
         xa = xt.double()
     elif input_scale is not None:
         xa = quantize_per_channel(xt, input_scale, a_bits)[0].double()
+    elif asymmetric:
+        q, step, zero = quantize_per_token_asym(xt, a_bits)
+        xa = (q.double() - zero.double()) * step.double()
     else:
         q, s = quantize_per_token(xt, a_bits)
         xa = q.double() * s.double()
@@ -357,6 +361,20 @@ def test_quant_linear_is_exactly_the_quantized_math(w_bits, a_bits, group_size, 
     y = layer(x)
     assert y.shape == (*shape, N) and y.dtype == dtype
     _assert_matches(y, _reference_forward(lin, x, w_bits, a_bits, group_size))
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 8), (8, 8), (4, 4)])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_quant_linear_with_a_zero_point_is_exactly_the_quantized_math(w_bits, a_bits, group_size):
+    lin = _linear()
+    layer = QuantLinear.from_float(lin, w_bits=w_bits, a_bits=a_bits, group_size=group_size, asymmetric=True)
+    assert torch.equal(layer.weight_sum, code_sums(layer.weight_codes(), group_size))
+    x = torch.rand(5, K, generator=_gen(3)) * 4  # a GELU-like one-sided input, where a zero point pays
+    _assert_matches(layer(x), _reference_forward(lin, x, w_bits, a_bits, group_size, asymmetric=True))
+    symmetric = QuantLinear.from_float(lin, w_bits=w_bits, a_bits=a_bits, group_size=group_size)
+    exact = x @ lin.weight.T + lin.bias
+    assert (layer(x) - exact).norm() < (symmetric(x) - exact).norm()
+    assert symmetric.weight_sum is None and not symmetric.spec()["asymmetric_activations"]
 
 
 @pytest.mark.parametrize("make", ["smoothquant", "duquant", "static", "duquant_static"])
@@ -463,6 +481,16 @@ def test_empty_then_load_state_dict_reproduces_the_layer(rotation, kind):
     from_spec.load_state_dict(layer.state_dict())
     assert torch.equal(from_spec(x), layer(x))
 
+    zero_point = QuantLinear.from_float(lin, 4, 8, group_size=32, transform=transform, asymmetric=True)
+    spec = zero_point.spec()
+    assert spec["asymmetric_activations"] and "weight_sum" in zero_point.state_dict()
+    from_spec = QuantLinear.from_spec(spec)
+    from_spec.load_state_dict(zero_point.state_dict())
+    assert torch.equal(from_spec(x), zero_point(x))
+    # A spec written before zero points existed has no such key and means symmetric activations.
+    legacy = {k: v for k, v in layer.spec().items() if k != "asymmetric_activations"}
+    assert QuantLinear.from_spec(legacy).weight_sum is None
+
 
 def test_scale_output_rows_equals_scaling_the_output():
     factor = torch.rand(N, generator=_gen(7)) + 0.5
@@ -497,6 +525,10 @@ def test_quant_linear_errors_are_clear():
         QuantLinear.from_float(lin, w_bits=4, a_bits=8, group_size=48)
     with pytest.raises(ValueError, match="static scales need"):
         QuantLinear.from_float(lin, w_bits=4, a_bits=16, input_scale=torch.ones(K))
+    with pytest.raises(ValueError, match="a zero point needs dynamic per-token 4- or 8-bit activations"):
+        QuantLinear.from_float(lin, w_bits=4, a_bits=8, input_scale=torch.ones(K), asymmetric=True)
+    with pytest.raises(ValueError, match="a zero point needs dynamic per-token 4- or 8-bit activations"):
+        QuantLinear.from_float(lin, w_bits=4, a_bits=16, asymmetric=True)
     with pytest.raises(ValueError, match="input_scale must be"):
         QuantLinear.from_float(lin, w_bits=4, a_bits=8, input_scale=torch.ones(3))
     with pytest.raises(ValueError, match="in_features must be even"):

@@ -201,7 +201,7 @@ def test_rope_matches_lerobot_formula(model):
 def test_attention_observer_sees_every_expert_layer_every_step(model):
     batch = model_inputs(model.cfg)
     calls = []
-    model.attention_observer = lambda site, q, k, allowed: calls.append((site, q.shape, k.shape, allowed.shape))
+    model.attention_observer = lambda site, q, k, allowed, own: calls.append((site, q.shape, k.shape, allowed.shape))
     model.sample_actions(**batch)
     cfg = model.cfg
     depth, steps = cfg.num_vlm_layers, cfg.num_steps

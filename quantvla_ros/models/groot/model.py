@@ -542,8 +542,10 @@ class GR00TN15Model(StagedModel):
         if self.attention_observer is not None:
 
             def observe(block: int, q: torch.Tensor, k: torch.Tensor) -> None:
-                mask = ws.cross_mask if DiT.is_cross(block) else ws.self_mask
-                self.attention_observer(block, q, k, mask)
+                if DiT.is_cross(block):
+                    self.attention_observer(block, q, k, ws.cross_mask, None)
+                else:
+                    self.attention_observer(block, q, k, ws.self_mask, k.shape[2])
 
         x = head.model(ws.dit_tokens, time.modulations, kv, ws.cross_bias, observe)
         # The output layer is per token and only the action tokens are read.

@@ -312,6 +312,6 @@ class PI0Model(StagedModel):
             cache[1, :, :, p:].copy_(v)
             q = apply_rope(q, cos, sin)
             if self.attention_observer is not None:
-                self.attention_observer(i, q, cache[0], ws.suffix_mask)
+                self.attention_observer(i, q, cache[0], ws.suffix_mask, x.shape[1])
             x = layer.finish(x, attend(q, cache[0], cache[1], ws.suffix_bias), gate, modulation(2 * i + 1))
         return self.expert.norm(x, modulation(-1))[0]

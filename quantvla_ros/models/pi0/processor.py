@@ -69,7 +69,8 @@ def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if (cur_height, cur_width) == (height, width):
         return image.copy()
     ratio = max(cur_width / width, cur_height / height)
-    resized_height, resized_width = int(cur_height / ratio), int(cur_width / ratio)
+    # At least one pixel: an extreme aspect ratio would otherwise shrink a side to nothing.
+    resized_height, resized_width = max(1, int(cur_height / ratio)), max(1, int(cur_width / ratio))
     resized = Image.fromarray(image).resize((resized_width, resized_height), Image.Resampling.BILINEAR)
     top = (height - resized_height) // 2
     left = (width - resized_width) // 2

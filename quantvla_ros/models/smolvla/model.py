@@ -420,12 +420,13 @@ class SmolVLAModel(StagedModel):
         for i, (layer, (cross, cache)) in enumerate(zip(self.expert.layers, self._caches(ws), strict=True)):
             if cross:
                 q, bias, mask = layer.query(x, ws.cross_cos, ws.cross_sin), ws.cross_bias, ws.cross_mask
+                own = None
             else:
                 q, k, v = layer.query_key_value(x, ws.self_cos, ws.self_sin)
                 cache[0, :, :, p:].copy_(k)
                 cache[1, :, :, p:].copy_(v)
-                bias, mask = ws.self_bias, ws.self_mask
+                bias, mask, own = ws.self_bias, ws.self_mask, x.shape[1]
             if self.attention_observer is not None:
-                self.attention_observer(i, q, cache[0], mask)
+                self.attention_observer(i, q, cache[0], mask, own)
             x = layer.finish(x, attend(q, cache[0], cache[1], bias))
         return self.action_out_proj(self.expert.norm(x)[:, -self.cfg.action_horizon :].float())

@@ -45,7 +45,8 @@ def resize_with_pad_top_left(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape[:2]
     if (height, width) != (size, size):
         ratio = max(width / size, height / size)
-        resized_height, resized_width = int(height / ratio), int(width / ratio)
+        # At least one pixel: an extreme aspect ratio would otherwise shrink a side to nothing.
+        resized_height, resized_width = max(1, int(height / ratio)), max(1, int(width / ratio))
         pixels = F.interpolate(pixels, size=(resized_height, resized_width), mode="bilinear", align_corners=False)
         pixels = F.pad(pixels, (size - resized_width, 0, size - resized_height, 0), value=0.0)
     return pixels[0].numpy()
