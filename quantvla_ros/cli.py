@@ -83,16 +83,18 @@ def _read_image(spec: str) -> tuple[str, np.ndarray]:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from quantvla_ros.loader import load_policy
-    from quantvla_ros.models.policy import Observation
+    from quantvla_ros.models.policy import Observation, checked_state
+    from quantvla_ros.models.registry import read_checkpoint
 
     # Arguments first: a typo should not wait for a model to load.
     try:
         state = np.array([float(v) for v in args.state.split(",")], np.float32)
     except ValueError:
         raise QuantVLAError(f"--state {args.state!r} must be comma-separated numbers.") from None
-    images = dict(_read_image(s) for s in args.image)
+    obs = Observation(images=dict(_read_image(s) for s in args.image), instruction=args.instruction, state=state)
+    info = read_checkpoint(Path(args.path), args.asset_id)  # its description only: no weights yet
+    checked_state(obs, tuple(info.config.camera_names), info.state_dim, info.config.max_state_dim)
     policy = load_policy(args.path, device=args.device, dtype=_dtype(args.dtype), asset_id=args.asset_id)
-    obs = Observation(images=images, instruction=args.instruction, state=state)
     noise = None
     if args.seed is not None:
         cfg = policy.model.cfg

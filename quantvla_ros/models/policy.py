@@ -121,21 +121,8 @@ class Policy:
     def prepare(self, obs: Observation) -> ModelInputs:
         """Observation in robot units -> model tensors; every user error is one clear sentence."""
         cfg = self.model.cfg
-        unknown = sorted(set(obs.images) - set(self.camera_names))
-        if unknown:
-            raise QuantVLAError(
-                f"Observation camera(s) {unknown} are not inputs of this policy; use {list(self.camera_names)}."
-            )
-        if not obs.images:
-            raise QuantVLAError(f"The observation has no image; send at least one of {list(self.camera_names)}.")
+        state = checked_state(obs, self.camera_names, self.state_dim, cfg.max_state_dim)
         images, masks = self.processor.images(obs.images)
-        state = np.asarray(obs.state, dtype=np.float32).reshape(-1)
-        if self.state_dim is not None and state.shape[0] != self.state_dim:
-            raise QuantVLAError(f"The state has {state.shape[0]} values but this policy expects {self.state_dim}.")
-        if state.shape[0] > cfg.max_state_dim:
-            raise QuantVLAError(f"The state has {state.shape[0]} values; this model takes at most {cfg.max_state_dim}.")
-        if not np.all(np.isfinite(state)):
-            raise QuantVLAError("The state contains NaN or Inf; refusing to run the policy on it.")
         state = self._adapt("state", state, normalized=False)
         state_norm = self._state_norm.normalize(state) if self._state_norm else state
         state_norm = self._adapt("state", state_norm, normalized=True)
@@ -186,6 +173,26 @@ class Policy:
         if adapter is None or adapter.normalized != normalized:
             return values
         return getattr(adapter, what)(values)
+
+
+def checked_state(
+    obs: Observation, camera_names: tuple[str, ...], state_dim: int | None, max_state_dim: int
+) -> np.ndarray:
+    """The observation's state as float32, once its cameras and state fit a policy with these
+    inputs; needs only a checkpoint's description, so a caller can check before loading weights."""
+    unknown = sorted(set(obs.images) - set(camera_names))
+    if unknown:
+        raise QuantVLAError(f"Observation camera(s) {unknown} are not inputs of this policy; use {list(camera_names)}.")
+    if not obs.images:
+        raise QuantVLAError(f"The observation has no image; send at least one of {list(camera_names)}.")
+    state = np.asarray(obs.state, dtype=np.float32).reshape(-1)
+    if state_dim is not None and state.shape[0] != state_dim:
+        raise QuantVLAError(f"The state has {state.shape[0]} values but this policy expects {state_dim}.")
+    if state.shape[0] > max_state_dim:
+        raise QuantVLAError(f"The state has {state.shape[0]} values; this model takes at most {max_state_dim}.")
+    if not np.all(np.isfinite(state)):
+        raise QuantVLAError("The state contains NaN or Inf; refusing to run the policy on it.")
+    return state
 
 
 def _normalizer(mode, stats, eps, info: CheckpointInfo, what: str) -> Normalizer | None:

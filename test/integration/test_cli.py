@@ -80,3 +80,17 @@ def test_predict_prints_latency_and_dt_in_utf8(checkpoints, tmp_path, capsys):
     out = json.loads(text)
     assert out["model"] == "π0.5" and "\\u03c0" not in text and out["latency_ms"] > 0 and out["device"] == "cpu"
     assert len(out["actions"][0]) == ACTION_DIM and "action_names" not in out  # this checkpoint names none
+
+
+def test_predict_checks_cameras_and_state_against_the_checkpoint_before_loading_it(checkpoints, tmp_path, capsys):
+    frame = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frame)
+    path = checkpoints[(True, "openpi")]
+    args = ["predict", str(path), "--instruction", "go", "--device", "no-such-device"]
+    # A device name that cannot load anything shows the checks ran first.
+    assert main([*args, "--image", f"top={frame}", "--state", ",".join(["0"] * STATE_DIM)]) == 2
+    assert "Observation camera(s) ['top'] are not inputs of this policy" in capsys.readouterr().err
+    assert main([*args, "--image", f"base_0_rgb={frame}", "--state", "0,1"]) == 2
+    assert f"The state has 2 values but this policy expects {STATE_DIM}" in capsys.readouterr().err
+    assert main(["predict", "pi05_full", *args[2:], "--image", f"base_0_rgb={frame}", "--state", "0"]) == 2
+    assert "pi05_full is not a folder" in capsys.readouterr().err
