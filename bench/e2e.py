@@ -361,7 +361,9 @@ def main() -> None:
             with device:
                 model = entry.build(cfg).set_dtype(dtype).eval()
             if "weight_memory" not in report:
-                memory = layout_memory(model, layout, w_bits=4)
+                memory = layout_memory(
+                    model, method_config("quantvla", layout=layout, w_bits=4, duquant_smoothing=False)
+                )
                 report["weight_memory"] = {
                     **{k: v for k, v in memory.items() if k != "modules"},
                     "linears": len(memory["modules"]),

@@ -47,7 +47,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", "71")
-    work = Path(tempfile.mkdtemp(prefix="node_overhead_"))
+    with tempfile.TemporaryDirectory(prefix="node_overhead_") as work:
+        measure(Path(work), args.runs)
+
+
+def measure(work: Path, runs: int) -> None:
+    """Start the policy node on a small π0.5 written to `work` and time `runs` rounds through it."""
     stats = {"state": unit_norm_stats(len(JOINT_NAMES)), "actions": unit_norm_stats(len(JOINT_NAMES))}
     policy_path = init_checkpoint(work / "policy", CONFIG, INSTRUCTIONS, norm_stats=stats, vocab_size=400)
     params = {
@@ -92,7 +97,7 @@ def main() -> None:
     try:
         round_trips = []
         deadline = time.monotonic() + 300
-        while len(round_trips) < args.runs and time.monotonic() < deadline:
+        while len(round_trips) < runs and time.monotonic() < deadline:
             count = len(received)
             # The first camera paces inference, so it goes last: the round starts complete.
             joints.publish(JointState(name=JOINT_NAMES, position=state))
@@ -107,7 +112,7 @@ def main() -> None:
         settle = time.monotonic() + 2.5  # one more diagnostics message after the last round
         while time.monotonic() < settle:
             rclpy.spin_once(peer, timeout_sec=0.05)
-        if len(round_trips) < args.runs or "node_overhead_p50_ms" not in diagnostics:
+        if len(round_trips) < runs or "node_overhead_p50_ms" not in diagnostics:
             raise SystemExit("The policy node did not answer; run `make test` to check the node first.")
     finally:
         proc.terminate()

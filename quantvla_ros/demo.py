@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+from quantvla_ros.outputs import OutputKind, check_output_folder, only_entries
 from quantvla_ros.paths import config_file, demo_policy
 from quantvla_ros.sim.demos import record_task
 from quantvla_ros.sim.ros_eval import evaluate_over_ros
@@ -26,13 +28,21 @@ from quantvla_ros.sim.tasks import DEFAULT_TASKS
 
 EVAL_SEED = 1000  # placements the demo policy never saw (its demonstrations use seeds from 0)
 CALIBRATION_SEED = 500
+ARTIFACT_NAME = "demo_pi05_quantvla_w4a8"
+DEMO_OUTPUT = OutputKind(
+    "a demo folder",
+    lambda p: only_entries(
+        p, names={"bags", "calibration.yaml", "calibration.safetensors", ARTIFACT_NAME, "results.json"}
+    ),
+)
 
 
 def _calibrate(policy: Path, bags: list[Path], out: Path) -> Path:
     """The calibration node as launch runs it: entry point + the policy node's params + calibration params."""
-    artifact = out / "demo_pi05_quantvla_w4a8"
+    artifact = out / ARTIFACT_NAME
     params = out / "calibration.yaml"
-    params.write_text(
+    write_bytes_atomic(
+        params,
         yaml.safe_dump(
             {
                 "/**": {
@@ -45,10 +55,11 @@ def _calibrate(policy: Path, bags: list[Path], out: Path) -> Path:
                         "method": "quantvla",
                         "w_bits": 4,
                         "a_bits": 8,
+                        "overwrite": True,  # the artifact of an earlier run in this demo folder
                     }
                 }
             }
-        )
+        ).encode(),
     )
     exe = Path(sys.executable).parent / "calibration_node"
     cmd = [str(exe), "--ros-args", "--params-file", str(config_file("sim_policy.yaml")), "--params-file", str(params)]
@@ -71,6 +82,8 @@ def _weights(path: Path) -> dict:
 
 
 def run_demo(out_dir: Path = Path("build/demo"), episodes: int = 2, tasks: tuple[str, ...] = DEFAULT_TASKS) -> dict:
+    # A rerun reuses its own folder (the bags are recorded once); any other folder is refused.
+    check_output_folder(out_dir, "--out", DEMO_OUTPUT, overwrite=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = demo_policy()
     start = time.monotonic()
@@ -90,7 +103,7 @@ def run_demo(out_dir: Path = Path("build/demo"), episodes: int = 2, tasks: tuple
         rows[name] = {"result": result, "weights": _weights(path), "path": str(path)}
     print_table(rows, tasks)
     print(f"Done in {time.monotonic() - start:.0f} s. Artifacts, bags and the buffer are in {out_dir}.")
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
+    write_json_atomic(out_dir / "results.json", rows)
     return rows
 
 

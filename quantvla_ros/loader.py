@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from quantvla_ros.engine.staged import StagedEngine
+from quantvla_ros.errors import QuantVLAError
+from quantvla_ros.models.device import resolve_device
 from quantvla_ros.models.policy import Policy, default_dtype, load_float_policy
 from quantvla_ros.quant.artifact import is_artifact, load_artifact
 
@@ -22,10 +24,12 @@ def load_policy(
     action_dt: float | None = None,
     engine: str = "auto",
 ) -> Policy:
-    """Load a float checkpoint of any registered family or a `quantvla quantize` artifact."""
+    """Load a float checkpoint of any registered family or a `quantvla quantize` artifact onto
+    `device` ("auto": CUDA when present)."""
     if engine not in ENGINE_MODES:
-        raise ValueError(f"engine {engine!r} must be one of {', '.join(ENGINE_MODES)}.")
+        raise QuantVLAError(f"engine {engine!r} must be one of {', '.join(ENGINE_MODES)}.")
     path = Path(path)
+    device = resolve_device(device)
     if is_artifact(path):
         model, info, family, quant_config = load_artifact(path, device, dtype or default_dtype(device))
         policy = Policy(model, info, family.make_processor(info), action_dt, quant_config)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantvla_ros.errors import QuantVLAError
+
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +21,7 @@ def share_dir() -> Path:
     try:
         return Path(get_package_share_directory("quantvla_ros"))
     except PackageNotFoundError:
-        raise FileNotFoundError(
+        raise QuantVLAError(
             "quantvla_ros's configs are neither beside its sources nor in an installed share folder; "
             "run from a checkout or source the colcon install."
         ) from None

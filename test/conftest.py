@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from quantvla_ros.models.common.normalizer import NormStats
 from quantvla_ros.models.init_checkpoint import init_checkpoint
 from quantvla_ros.models.pi0.config import tiny
-from quantvla_ros.models.policy import Observation
+from quantvla_ros.models.policy import Observation, load_float_policy
 
 # DDS traffic stays on this machine, in a domain of this test run's own: two runs on one machine
 # (a developer's and CI's) must not hear each other's latched instructions or /clock.
@@ -70,6 +73,25 @@ def checkpoints(tmp_path_factory) -> dict[tuple[bool, str], Path]:
         for pi05 in (False, True)
         for layout in ("openpi", "lerobot")
     }
+
+
+def to_legacy_lerobot(folder: Path, out: Path) -> Path:
+    """The same LeRobot checkpoint as a release before the processor pipelines wrote it: statistics
+    as normalizer buffers among the weights, no processor JSON or normalizer files."""
+    shutil.copytree(folder, out)
+    stats = load_float_policy(folder).info.norm_stats
+    weights = load_file(out / "model.safetensors")
+    for prefix, feature, key in [
+        ("normalize_inputs", "observation_state", "state"),
+        ("normalize_targets", "action", "actions"),
+        ("unnormalize_outputs", "action", "actions"),
+    ]:
+        for name in ("mean", "std"):
+            weights[f"{prefix}.buffer_{feature}.{name}"] = torch.from_numpy(getattr(stats[key], name).copy())
+    save_file(weights, out / "model.safetensors")
+    for f in [*out.glob("policy_*processor*.json"), *out.glob("*normalizer_processor.safetensors")]:
+        f.unlink()
+    return out
 
 
 # The policy-node tests' fixtures; their helpers (node_fixtures.py) import this module, hence the

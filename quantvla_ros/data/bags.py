@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
 from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.data.messages import MessageError, compressed_to_rgb, image_to_rgb, joint_positions
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.policy import Observation
+from quantvla_ros.progress import Progress as tqdm
 
 TYPES = {
     "raw": "sensor_msgs/msg/Image",
@@ -35,7 +36,7 @@ TYPES = {
 }
 
 
-class BagError(ValueError):
+class BagError(QuantVLAError):
     """A bag that cannot be used; the message names the bag and, where it applies, the topic."""
 
 
@@ -88,7 +89,10 @@ def _connections(reader: AnyReader, path: Path, topics: dict[str, str]) -> list:
     found = {c.topic: c for c in reader.connections}
     for topic, msgtype in topics.items():
         if topic not in found:
-            raise BagError(f"Bag {path} has no topic {topic}; record it or fix the topic mapping.")
+            present = ", ".join(f"{t} ({c.msgtype})" for t, c in sorted(found.items())) or "none"
+            raise BagError(
+                f"Bag {path} has no topic {topic}; fix the topic mapping or record it (the bag's topics: {present})."
+            )
         if found[topic].msgtype != msgtype:
             raise BagError(f"Bag {path}: topic {topic} carries {found[topic].msgtype}, not {msgtype}.")
     return [found[t] for t in topics]
@@ -152,10 +156,25 @@ def _decode(reader: AnyReader, path: Path, mapping: TopicMapping, wanted: list[C
     return out
 
 
+def expand_bags(paths: list[Path]) -> list[Path]:
+    """Each path as a bag, or, for a folder that is no bag itself, the bags in it (rosbag2 folders
+    and ROS 1 .bag files, in name order), as `quantvla record-demos` writes them."""
+    bags = []
+    for path in map(Path, paths):
+        inner = sorted(
+            p for p in path.glob("*") if (p / "metadata.yaml").is_file() or (p.suffix == ".bag" and p.is_file())
+        )
+        is_folder_of_bags = path.is_dir() and not (path / "metadata.yaml").is_file() and inner
+        bags += inner if is_folder_of_bags else [path]
+    return bags
+
+
 def read_observations(
     bags: list[Path], mapping: TopicMapping, samples: int, tolerance: float = 0.1
 ) -> tuple[list[Observation], list[dict]]:
-    """`samples` aligned observations spread over the bags, and a provenance record per bag."""
+    """`samples` aligned observations spread over the bags (a folder of bags counts as its bags),
+    and a provenance record per bag."""
+    bags = expand_bags(bags)
     if not bags:
         raise BagError("No bags were given; pass at least one rosbag2 folder or .bag file.")
     if samples <= 0:

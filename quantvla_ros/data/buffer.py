@@ -20,13 +20,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.policy import ModelInputs, Observation, Policy
 
 BUFFER_FORMAT = "quantvla-calibration-buffer/1"
 TENSORS = ("images", "image_masks", "tokens", "token_masks", "state")
 
 
-class BufferError(ValueError):
+class BufferError(QuantVLAError):
     """A calibration buffer that cannot be used; the message names the file."""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from quantvla_ros.errors import QuantVLAError
+
 IMAGE_TYPES = ("raw", "compressed")
 
 
@@ -29,30 +31,32 @@ class TopicMapping:
     def __post_init__(self) -> None:
         n = len(self.camera_names)
         if n == 0:
-            raise ValueError("camera_names is empty; map at least one camera topic to a policy camera.")
+            raise QuantVLAError("camera_names is empty; map at least one camera topic to a policy camera.")
         if len(self.camera_topics) != n or len(self.camera_types) != n:
-            raise ValueError(
+            raise QuantVLAError(
                 f"camera_names ({n}), camera_topics ({len(self.camera_topics)}) and camera_types "
                 f"({len(self.camera_types)}) must list the same cameras in the same order."
             )
         bad = [t for t in self.camera_types if t not in IMAGE_TYPES]
         if bad:
-            raise ValueError(f"camera_types {bad} are not allowed; use 'raw' or 'compressed' per camera.")
+            raise QuantVLAError(f"camera_types {bad} are not allowed; use 'raw' or 'compressed' per camera.")
         if not self.state_joints:
-            raise ValueError("state_joints is empty; list the joints that form the policy's state, in order.")
+            raise QuantVLAError("state_joints is empty; list the joints that form the policy's state, in order.")
 
     def check_policy(self, policy) -> None:
         """Refuse, in one sentence, a mapping that does not fit `policy` (a `Policy`), before any input is read."""
         unknown = [c for c in self.camera_names if c not in policy.camera_names]
         if unknown:
-            raise ValueError(f"camera_names {unknown} are not cameras of this policy; use {list(policy.camera_names)}.")
+            raise QuantVLAError(
+                f"camera_names {unknown} are not cameras of this policy; use {list(policy.camera_names)}."
+            )
         if policy.state_dim is not None and len(self.state_joints) != policy.state_dim:
-            raise ValueError(
+            raise QuantVLAError(
                 f"state_joints lists {len(self.state_joints)} joints but the policy's state has {policy.state_dim}."
             )
         # Calibration reads no actions, so a mapping made for it alone may leave them out.
         if self.action_joints and len(self.action_joints) != policy.action_dim:
-            raise ValueError(
+            raise QuantVLAError(
                 f"action_joints lists {len(self.action_joints)} joints but the policy outputs {policy.action_dim}."
             )
 
@@ -61,7 +65,7 @@ class TopicMapping:
         def strings(key: str) -> tuple[str, ...]:
             value = params.get(key, [])
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"Parameter {key} must be a list of strings, got {value!r}.")
+                raise QuantVLAError(f"Parameter {key} must be a list of strings, got {value!r}.")
             return tuple(value)
 
         return cls(
@@ -81,14 +85,14 @@ def read_params_file(path: Path | str, node_name: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"Parameters file {path} does not exist.") from None
+        raise QuantVLAError(f"Parameters file {path} does not exist.") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"Parameters file {path} is not valid YAML ({e}).") from None
+        raise QuantVLAError(f"Parameters file {path} is not valid YAML ({e}).") from None
     params: dict = {}
     for key in ("/**", node_name, f"/{node_name}"):
         section = (data or {}).get(key, {})
         if isinstance(section, dict):
             params.update(section.get("ros__parameters", {}) or {})
     if not params:
-        raise ValueError(f"Parameters file {path} has no ros__parameters under '/**' or '{node_name}'.")
+        raise QuantVLAError(f"Parameters file {path} has no ros__parameters under '/**' or '{node_name}'.")
     return params

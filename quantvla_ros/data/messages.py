@@ -18,6 +18,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from quantvla_ros.errors import QuantVLAError
+
 CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
 # 16 MP: above every robot camera (4K is 8.3 MP) and below PIL's own bomb limit, and it keeps one
 # decoded frame under 50 MB.
@@ -35,7 +37,7 @@ CAUSES = frozenset(
 MAX_STAMP_SECONDS = 2**31 - 1
 
 
-class MessageError(ValueError):
+class MessageError(QuantVLAError):
     """A message that cannot be used; `cause` (one of CAUSES) groups repeats for log-once reporting."""
 
     def __init__(self, cause: str, message: str) -> None:

@@ -20,8 +20,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.common.normalizer import Normalizer, pad_to_dim
+from quantvla_ros.models.device import resolve_device
 from quantvla_ros.models.family import InputProcessor
 from quantvla_ros.models.registry import load_model
 from quantvla_ros.models.stages import Sampler, StagedModel
@@ -108,6 +110,7 @@ class Policy:
             "state_dim": self.state_dim,
             "state_norm": self.info.state_norm,
             "state_stats_sha256": stats.hexdigest(),
+            "robot_adapter": None if self.info.adapter is None else self.info.adapter.name,
             **self.processor.signature(),
         }
 
@@ -118,22 +121,11 @@ class Policy:
     def prepare(self, obs: Observation) -> ModelInputs:
         """Observation in robot units -> model tensors; every user error is one clear sentence."""
         cfg = self.model.cfg
-        unknown = sorted(set(obs.images) - set(self.camera_names))
-        if unknown:
-            raise ValueError(
-                f"Observation camera(s) {unknown} are not inputs of this policy; use {list(self.camera_names)}."
-            )
-        if not obs.images:
-            raise ValueError(f"The observation has no image; send at least one of {list(self.camera_names)}.")
+        state = checked_state(obs, self.camera_names, self.state_dim, cfg.max_state_dim)
         images, masks = self.processor.images(obs.images)
-        state = np.asarray(obs.state, dtype=np.float32).reshape(-1)
-        if self.state_dim is not None and state.shape[0] != self.state_dim:
-            raise ValueError(f"The state has {state.shape[0]} values but this policy expects {self.state_dim}.")
-        if state.shape[0] > cfg.max_state_dim:
-            raise ValueError(f"The state has {state.shape[0]} values; this model takes at most {cfg.max_state_dim}.")
-        if not np.all(np.isfinite(state)):
-            raise ValueError("The state contains NaN or Inf; refusing to run the policy on it.")
+        state = self._adapt("state", state, normalized=False)
         state_norm = self._state_norm.normalize(state) if self._state_norm else state
+        state_norm = self._adapt("state", state_norm, normalized=True)
         tokens, token_mask = self.processor.prompt(obs.instruction, state_norm)
         dev = self.device
         return ModelInputs(
@@ -164,13 +156,43 @@ class Policy:
     def act(self, inputs: ModelInputs, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:
         """The action chunk in robot units for one prepared observation."""
         actions = self.sample(inputs, noise)[0, :, : self.action_dim].cpu().numpy()
+        actions = self._adapt("actions", actions, normalized=True)
         if self._action_norm:
             actions = self._action_norm.unnormalize(actions)
+        actions = self._adapt("actions", actions, normalized=False)
         return ActionChunk(actions=actions.astype(np.float32), dt=self.action_dt)
 
     def predict(self, obs: Observation, noise: np.ndarray | torch.Tensor | None = None) -> ActionChunk:
         """prepare() then act(): robot units in, robot units out."""
         return self.act(self.prepare(obs), noise)
+
+    def _adapt(self, what: str, values: np.ndarray, normalized: bool) -> np.ndarray:
+        """The checkpoint's robot adapter on the state or the actions, at the side of the
+        (un)normalization where its training pipeline applied it."""
+        adapter = self.info.adapter
+        if adapter is None or adapter.normalized != normalized:
+            return values
+        return getattr(adapter, what)(values)
+
+
+def checked_state(
+    obs: Observation, camera_names: tuple[str, ...], state_dim: int | None, max_state_dim: int
+) -> np.ndarray:
+    """The observation's state as float32, once its cameras and state fit a policy with these
+    inputs; needs only a checkpoint's description, so a caller can check before loading weights."""
+    unknown = sorted(set(obs.images) - set(camera_names))
+    if unknown:
+        raise QuantVLAError(f"Observation camera(s) {unknown} are not inputs of this policy; use {list(camera_names)}.")
+    if not obs.images:
+        raise QuantVLAError(f"The observation has no image; send at least one of {list(camera_names)}.")
+    state = np.asarray(obs.state, dtype=np.float32).reshape(-1)
+    if state_dim is not None and state.shape[0] != state_dim:
+        raise QuantVLAError(f"The state has {state.shape[0]} values but this policy expects {state_dim}.")
+    if state.shape[0] > max_state_dim:
+        raise QuantVLAError(f"The state has {state.shape[0]} values; this model takes at most {max_state_dim}.")
+    if not np.all(np.isfinite(state)):
+        raise QuantVLAError("The state contains NaN or Inf; refusing to run the policy on it.")
+    return state
 
 
 def _normalizer(mode, stats, eps, info: CheckpointInfo, what: str) -> Normalizer | None:
@@ -192,10 +214,12 @@ def load_float_policy(
     asset_id: str | None = None,
     action_dt: float | None = None,
 ) -> Policy:
-    """Load a float checkpoint folder of any registered family; `quantvla_ros.loader.load_policy`
-    also takes quantized artifacts and is what applications call."""
+    """Load a float checkpoint folder of any registered family onto `device` ("auto": CUDA when
+    present); `quantvla_ros.loader.load_policy` also takes quantized artifacts and is what
+    applications call."""
     path = Path(path)
+    device = resolve_device(device)
     if not path.exists():
-        raise FileNotFoundError(f"Policy path {path} does not exist; pass a checkpoint folder.")
+        raise QuantVLAError(f"Policy path {path} does not exist; pass a checkpoint folder.")
     model, info, family = load_model(path, device, dtype or default_dtype(device), asset_id)
     return Policy(model, info, family.make_processor(info), action_dt)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.policy import CalibrationSource
 from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.calibration import ATMOHBResult, calibrate_atm_ohb
@@ -41,13 +42,11 @@ def quantize_(
 ) -> QuantRecord:
     """Replace the layout's Linears with QuantLinears in place, then calibrate ATM/OHB if asked."""
     if config.needs_data and (source is None or len(source) == 0):
-        raise ValueError(
+        raise QuantVLAError(
             f"Method {config.method!r} calibrates from data; pass a non-empty calibration buffer "
             "(or turn ATM/OHB off and use a transform that needs no activations)."
         )
-    names = config.layout.select(model)
-    if not names:
-        raise ValueError(f"Layout {config.layout.name!r} selects no Linear layer of this model; check its patterns.")
+    names = config.layout.select_or_refuse(model)
     linear, seed = config.linear, config.seed
     absmax = {}
     if linear.needs_activation_stats:

@@ -4,22 +4,23 @@
                           tensors) under each quantized module's name; every other tensor as in
                           the float checkpoint, α and β already folded into the float weights
     quant_config.json     method, bits, layout, per-module settings, α per head and β per layer
-                          for the record, calibration provenance, package version, and the
-                          SHA-256 of model.safetensors (a mismatch refuses to load)
+                          for the record, calibration provenance, package version, the
+                          SHA-256 of model.safetensors and a SHA-256 over this file's own
+                          contents (either mismatch refuses to load: the weights were made from
+                          these settings, so an edited file would load to no effect)
     config.json, tokenizer, normalization statistics   copied from the float checkpoint
 
 Because the rest of the folder is the float checkpoint's own layout (openpi or LeRobot),
 `read_checkpoint` reads an artifact like any checkpoint; only the module swap before loading
-differs. The folder is written beside its destination and renamed into place.
+differs. The folder is written beside its destination and renamed into place, and it replaces
+only an earlier artifact, never another folder (quantvla_ros/outputs.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,21 +28,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quantvla_ros.atomic import atomic_path, write_json_atomic
+from quantvla_ros.atomic import atomic_dir, atomic_path, write_json_atomic
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo
 from quantvla_ros.models.family import ModelFamily
 from quantvla_ros.models.registry import family_of, load_model
 from quantvla_ros.models.stages import StagedModel
+from quantvla_ros.outputs import OutputKind, check_output_folder
 from quantvla_ros.quant.api import QuantRecord
 from quantvla_ros.quant.convert import set_module
 from quantvla_ros.quant.fused import QuantLinearPart, member_names
 from quantvla_ros.quant.linear import QuantLinear
 
-# /2 added fused layers (a QuantLinear with split_sizes under "parent.a+b+c"); /1 artifacts have
-# none and load as they are.
+# /2 added fused layers (a QuantLinear with split_sizes under "parent.a+b+c") and a SHA-256 over
+# quant_config.json's own contents. /1 artifacts have no fused layers and load as they are, but
+# an edit of their quant_config.json cannot be detected.
 ARTIFACT_FORMAT = "quantvla-artifact/2"
-READABLE_FORMATS = ("quantvla-artifact/1", ARTIFACT_FORMAT)
+UNVERIFIED_FORMAT = "quantvla-artifact/1"
+READABLE_FORMATS = (UNVERIFIED_FORMAT, ARTIFACT_FORMAT)
 QUANT_CONFIG = "quant_config.json"
+CONFIG_SHA256 = "quant_config_sha256"
 WEIGHTS = "model.safetensors"
 
 
@@ -60,8 +65,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def config_sha256(quant_config: dict) -> str:
+    """SHA-256 of the canonical JSON of everything in quant_config.json but this hash itself: the
+    method, bits, layout, per-module specs, α and β, provenance and the weights' own SHA-256. The
+    weights were made from exactly these settings, so an edit of any of them is refused, not
+    loaded to no effect."""
+    body = {k: v for k, v in quant_config.items() if k != CONFIG_SHA256}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def is_artifact(path: Path | str) -> bool:
     return (Path(path) / QUANT_CONFIG).is_file()
+
+
+ARTIFACT_OUTPUT = OutputKind("a quantized artifact", is_artifact)
 
 
 def _copy_checkpoint_files(family: ModelFamily, src: Path, dst: Path) -> None:
@@ -79,15 +96,15 @@ def save_artifact(
     record: QuantRecord,
     out_dir: Path | str,
     calibration: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the artifact folder next to `out_dir` and move it into place in one rename."""
+    """Write the artifact folder beside `out_dir` and move it into place in one rename; an earlier
+    artifact there is replaced only with `overwrite`, and any other non-empty folder is refused."""
     out_dir = Path(out_dir).resolve()
-    if source.path.resolve() == out_dir:
-        raise ValueError(f"--out {out_dir} is the float checkpoint itself; write the artifact to another folder.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        family = family_of(model)
+    check_output_folder(out_dir, "Artifact folder", ARTIFACT_OUTPUT, overwrite)
+    family = family_of(model)
+    with atomic_dir(out_dir) as staging:
+        staging.mkdir()
         _copy_checkpoint_files(family, source.path, staging)
         with atomic_path(staging / WEIGHTS) as tmp:
             save_file(family.export_state_dict(model, source.layout), str(tmp), metadata={"format": "pt"})
@@ -103,18 +120,10 @@ def save_artifact(
             "weight_bytes": weight_bytes(model, list(record.modules)),
             "model_safetensors_sha256": sha256_file(staging / WEIGHTS),
         }
+        # Hashed as it will be read back: JSON turns tuples into lists.
+        quant_config = json.loads(json.dumps(quant_config))
+        quant_config[CONFIG_SHA256] = config_sha256(quant_config)
         write_json_atomic(staging / QUANT_CONFIG, quant_config)
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            os.replace(out_dir, retired / "artifact")
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
 
 
@@ -135,6 +144,12 @@ def read_quant_config(path: Path) -> dict:
         raise CheckpointError(
             f"{file} is not a quant config this version reads ({', '.join(READABLE_FORMATS)}); "
             "re-run `quantvla quantize` with this version."
+        )
+    if cfg["format"] == ARTIFACT_FORMAT and cfg.get(CONFIG_SHA256) != config_sha256(cfg):
+        raise CheckpointError(
+            f"{file} was edited after `quantvla quantize` wrote it (it no longer matches its {CONFIG_SHA256}), "
+            "and the weights still follow the original settings; restore the file or quantize again with the "
+            "settings you want."
         )
     return cfg
 

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.policy import CalibrationSource
 from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.config import ATM_KEYS, ATMOHBConfig
@@ -67,7 +68,7 @@ class ExpertStatistics:
 
     def __init__(self, layers: int, heads: int, keys: str = "all") -> None:
         if keys not in ATM_KEYS:
-            raise ValueError(f"Unknown ATM keys {keys!r}; choose one of {', '.join(ATM_KEYS)}.")
+            raise QuantVLAError(f"Unknown ATM keys {keys!r}; choose one of {', '.join(ATM_KEYS)}.")
         self.keys = keys
         self.logit_sum = torch.zeros(layers, heads, dtype=torch.float64)
         self.logit_sumsq = torch.zeros(layers, heads, dtype=torch.float64)
@@ -191,7 +192,7 @@ def matched_scale(
         scale = ratio.clamp(*clamp_range)
         return torch.where((scale - 1).abs() < neutral, torch.ones_like(scale), scale)
     if clamp != "log":
-        raise ValueError(f"Unknown clamp {clamp!r}; use 'log' or 'linear'.")
+        raise QuantVLAError(f"Unknown clamp {clamp!r}; use 'log' or 'linear'.")
     log = torch.log(ratio).clamp(-clamp_log, clamp_log)
     log = torch.where(log.abs() < neutral_log, torch.zeros_like(log), log)
     return log.exp()

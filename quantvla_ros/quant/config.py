@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field, replace
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.quant.layout import LAYOUTS, Layout
 from quantvla_ros.quant.transforms import ROTATIONS
 
@@ -52,19 +53,19 @@ class LinearConfig:
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
-            raise ValueError(f"Unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)}.")
+            raise QuantVLAError(f"Unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)}.")
         if self.duquant_rotation not in ROTATIONS:
-            raise ValueError(
+            raise QuantVLAError(
                 f"Unknown DuQuant rotation {self.duquant_rotation!r}; choose one of {', '.join(ROTATIONS)}."
             )
         if self.w_bits not in (4, 8):
-            raise ValueError(f"Weight bits must be 4 or 8, got {self.w_bits}.")
+            raise QuantVLAError(f"Weight bits must be 4 or 8, got {self.w_bits}.")
         if self.a_bits not in (4, 8, 16):
-            raise ValueError(f"Activation bits must be 4, 8 or 16 (float activations), got {self.a_bits}.")
+            raise QuantVLAError(f"Activation bits must be 4, 8 or 16 (float activations), got {self.a_bits}.")
         if self.static_activations and self.a_bits == 16:
-            raise ValueError("Static activation scales need integer activations; use --a-bits 4 or 8.")
+            raise QuantVLAError("Static activation scales need integer activations; use --a-bits 4 or 8.")
         if self.asymmetric_activations and (self.static_activations or self.a_bits == 16):
-            raise ValueError(
+            raise QuantVLAError(
                 "Asymmetric activations are per-token integer activations; drop --static-activations and use "
                 "--a-bits 4 or 8."
             )
@@ -97,13 +98,13 @@ class ATMOHBConfig:
 
     def __post_init__(self) -> None:
         if self.atm_clamp not in ("log", "linear"):
-            raise ValueError(f"Unknown ATM/OHB clamp {self.atm_clamp!r}; choose 'log' or 'linear'.")
+            raise QuantVLAError(f"Unknown ATM/OHB clamp {self.atm_clamp!r}; choose 'log' or 'linear'.")
         if self.stat_pooling not in STAT_POOLINGS:
-            raise ValueError(
+            raise QuantVLAError(
                 f"Unknown statistics pooling {self.stat_pooling!r}; choose one of {', '.join(STAT_POOLINGS)}."
             )
         if self.atm_keys not in ATM_KEYS:
-            raise ValueError(f"Unknown ATM keys {self.atm_keys!r}; choose one of {', '.join(ATM_KEYS)}.")
+            raise QuantVLAError(f"Unknown ATM keys {self.atm_keys!r}; choose one of {', '.join(ATM_KEYS)}.")
 
     @property
     def enabled(self) -> bool:
@@ -151,11 +152,11 @@ _ATM_OHB_FIELDS = {f.name for f in dataclasses.fields(ATMOHBConfig)}
 def method_config(method: str, **overrides) -> QuantConfig:
     """A method's preset with any field of QuantConfig, LinearConfig or ATMOHBConfig overridden (None: keep)."""
     if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        raise QuantVLAError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(overrides) - _LINEAR_FIELDS - _ATM_OHB_FIELDS - {"layout", "seed"})
     if unknown:
-        raise ValueError(f"Unknown quantization setting(s) {', '.join(unknown)}.")
+        raise QuantVLAError(f"Unknown quantization setting(s) {', '.join(unknown)}.")
     base = METHODS[method]
     return replace(
         base,

@@ -4,8 +4,8 @@ fused QuantLinear beside its members, which become views of its rows (quant/fuse
 from __future__ import annotations
 
 from torch import nn
-from tqdm import tqdm
 
+from quantvla_ros.progress import Progress as tqdm
 from quantvla_ros.quant.config import LinearConfig
 from quantvla_ros.quant.fused import QuantLinearPart, concatenated
 from quantvla_ros.quant.linear import QuantLinear

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from quantvla_ros.errors import QuantVLAError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -38,6 +40,13 @@ class Layout:
             and not any(p.fullmatch(name) for p in exclude)
         ]
 
+    def select_or_refuse(self, model: nn.Module) -> list[str]:
+        """select(), refusing a layout that selects nothing (a pattern that matches no module name)."""
+        names = self.select(model)
+        if not names:
+            raise QuantVLAError(f"Layout {self.name!r} selects no Linear layer of this model; check its patterns.")
+        return names
+
     def to_json(self) -> dict:
         return {
             "name": self.name,
@@ -59,14 +68,14 @@ def get_layout(name: str, include: list[str] | None = None, exclude: list[str] |
     """A named layout, or `custom` built from include/exclude regexes."""
     if name == "custom":
         if not include:
-            raise ValueError("The custom layout needs at least one --include pattern (a regex over module names).")
+            raise QuantVLAError("The custom layout needs at least one --include pattern (a regex over module names).")
         for pattern in [*include, *(exclude or [])]:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"Layout pattern {pattern!r} is not a valid regular expression ({e}).") from None
+                raise QuantVLAError(f"Layout pattern {pattern!r} is not a valid regular expression ({e}).") from None
         return Layout("custom", include=tuple(include), exclude=tuple(exclude or ()))
     if name not in LAYOUTS:
-        raise ValueError(f"Unknown layout {name!r}; choose one of {', '.join([*LAYOUTS, 'custom'])}.")
+        raise QuantVLAError(f"Unknown layout {name!r}; choose one of {', '.join([*LAYOUTS, 'custom'])}.")
     layout = LAYOUTS[name]
     return Layout(layout.name, layout.groups, layout.include, layout.exclude + tuple(exclude or ()))

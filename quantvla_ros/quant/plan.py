@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.policy import CalibrationSource
 from quantvla_ros.models.stages import StagedModel
 from quantvla_ros.quant.activations import percentile_channel_scales
@@ -118,7 +119,7 @@ def plan_layers(
     static = {}
     if config.static_activations:
         if source is None:
-            raise ValueError("Static activation scales are calibrated from data; pass a calibration buffer.")
+            raise QuantVLAError("Static activation scales are calibrated from data; pass a calibration buffer.")
         # A layer's input is its first member's.
         observed = collect_static_scales(
             model, {members[0]: transforms[name] for name, members in layers.items()}, source, config, batch_size, seed,

@@ -10,10 +10,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
 
 from quantvla_ros.models.policy import CalibrationSource
 from quantvla_ros.models.stages import StagedModel
+from quantvla_ros.progress import Progress as tqdm
 
 
 def sample_noise(samples: int, horizon: int, action_dim: int, seed: int) -> torch.Tensor:

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantvla_ros.errors import QuantVLAError
+
 # The order in which the steps run; a transform is any subsequence of it holding at most one
 # form of each rotation (dense blocks or Hadamard signs).
 STEPS = ("smooth", "rotation1", "rotation1_signs", "perm", "rotation2", "rotation2_signs")
@@ -62,12 +64,12 @@ def rotation_block(k: int, block_size: int = 64) -> int:
     Most widths are multiples of 64; SmolVLA's 720-wide action expert gets blocks of 16.
     """
     if block_size <= 0 or block_size & (block_size - 1):
-        raise ValueError(f"Rotation block_size must be a power of two (Hadamard blocks), got {block_size}.")
+        raise QuantVLAError(f"Rotation block_size must be a power of two (Hadamard blocks), got {block_size}.")
     b = block_size
     while b > 1 and k % b:
         b //= 2
     if b == 1 < block_size:
-        raise ValueError(f"Rotations need an even number of input features, got K={k}; use SmoothQuant only.")
+        raise QuantVLAError(f"Rotations need an even number of input features, got K={k}; use SmoothQuant only.")
     return b
 
 

@@ -20,13 +20,16 @@ from quantvla_ros.data.bags import read_observations
 from quantvla_ros.data.buffer import build_buffer, save_buffer
 from quantvla_ros.data.mapping import TopicMapping
 from quantvla_ros.models.policy import load_float_policy
+from quantvla_ros.outputs import check_output_folder
 from quantvla_ros.quant.api import quantize_
-from quantvla_ros.quant.artifact import save_artifact
+from quantvla_ros.quant.artifact import ARTIFACT_OUTPUT, read_quant_config, save_artifact
 from quantvla_ros.quant.config import method_config
+from quantvla_ros.quant.summary import written_lines
 from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare, require
 from quantvla_ros.ros.policy_node import PARAMETERS, REQUIRED
 
+OVERWRITE_FLAG = "--overwrite (parameter overwrite: true)"
 CALIBRATION_PARAMETERS = {
     "bags": Parameter.Type.STRING_ARRAY,
     "buffer": "calibration.safetensors",
@@ -38,6 +41,7 @@ CALIBRATION_PARAMETERS = {
     "a_bits": 8,
     "batch_size": 8,
     "seed": 0,
+    "overwrite": False,  # replace an earlier artifact at `artifact` (never any other folder)
 }
 
 
@@ -50,8 +54,9 @@ def run_calibration(params: dict, log=print) -> dict:
     mapping = TopicMapping.from_params(params)
     require(params, ["policy_path", "bags"], "config/calibration.yaml")
     check_target(Path(params["buffer"]), "Calibration buffer")
+    overwrite = bool(params.get("overwrite"))
     if params.get("artifact"):
-        check_target(Path(params["artifact"]), "Artifact", folder=True)
+        check_output_folder(params["artifact"], "Artifact folder", ARTIFACT_OUTPUT, overwrite, OVERWRITE_FLAG)
     policy = load_float_policy(
         params["policy_path"], device=params.get("device", "cpu"), asset_id=params.get("asset_id") or None
     )
@@ -73,8 +78,8 @@ def run_calibration(params: dict, log=print) -> dict:
         config = method_config(params["method"], w_bits=int(params["w_bits"]), a_bits=int(params["a_bits"]))
         record = quantize_(policy.model, config, buffer, batch_size=int(params["batch_size"]))
         calibration = {"buffer": str(path), "samples": len(buffer), "sources": sources, "topics": topics}
-        out = save_artifact(policy.model, policy.info, record, Path(params["artifact"]), calibration)
-        log(f"Wrote {out}: {config.method} {config.linear.bits}, {len(record.modules)} quantized layers.")
+        out = save_artifact(policy.model, policy.info, record, Path(params["artifact"]), calibration, overwrite)
+        log(written_lines(str(out), read_quant_config(out), policy.model.LINEAR_GROUPS))
         result["artifact"] = str(out)
     return result
 

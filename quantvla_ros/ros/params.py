@@ -5,6 +5,8 @@ from __future__ import annotations
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
 
+from quantvla_ros.errors import QuantVLAError
+
 
 def declare(node: Node, spec: dict[str, object]) -> dict:
     """Declare each parameter with its default, or with just its type when it has none; return the values."""
@@ -27,4 +29,4 @@ def read(node: Node, spec: dict[str, object]) -> dict:
 def require(values: dict, names: list[str], where: str) -> None:
     missing = [n for n in names if not values.get(n)]
     if missing:
-        raise ValueError(f"Parameter(s) {', '.join(missing)} must be set (see {where}).")
+        raise QuantVLAError(f"Parameter(s) {', '.join(missing)} must be set (see {where}).")

@@ -22,16 +22,15 @@ after it ends, so episodes are recoverable from either. Only successful episodes
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
+from quantvla_ros.atomic import atomic_dir
+from quantvla_ros.outputs import OutputKind, check_output_folder
+from quantvla_ros.progress import Progress as tqdm
 from quantvla_ros.sim.env import SimEnv
 from quantvla_ros.sim.tasks import ACTION_NAMES, DEFAULT_TASKS, INSTRUCTIONS, STATE_NAMES
 
@@ -90,48 +89,63 @@ def _messages(ns: int, image: np.ndarray, state: np.ndarray, action: np.ndarray,
     }
 
 
+BAG_OUTPUT = OutputKind("a rosbag2 bag", lambda p: (p / "metadata.yaml").is_file())
+# Stale `.task.*` scratch folders of an interrupted recording may sit beside the bags.
+BAGS_OUTPUT = OutputKind(
+    "a folder of rosbag2 bags", lambda p: all(e.name.startswith(".") or BAG_OUTPUT.recognise(e) for e in p.iterdir())
+)
+
+
+def check_demo_targets(out: Path, tasks: list[str], overwrite: bool) -> None:
+    """Refuse, before anything is recorded, an `out` that is not a folder of bags or an existing bag
+    of a task without `overwrite`. Bags are added to `out`; nothing else in it is touched."""
+    check_output_folder(out, "--out", BAGS_OUTPUT, overwrite=True)
+    for task in tasks:
+        check_output_folder(Path(out) / task, "Bag", BAG_OUTPUT, overwrite)
+
+
 def record_task(
-    out: Path, task: str, episodes: int, seed: int, width: int = 112, height: int = 112, camera: str = "scene"
+    out: Path,
+    task: str,
+    episodes: int,
+    seed: int,
+    width: int = 112,
+    height: int = 112,
+    camera: str = "scene",
+    overwrite: bool = False,
 ) -> dict:
     """Write `episodes` successful expert episodes of `task` to the mcap bag `out/task`.
 
     Episode seeds are seed, seed+1, ...; a seed whose expert fails is skipped (and counted).
-    The bag is written beside its target and renamed into place, so it is never half there.
+    The bag is written beside its target and renamed into place, so it is never half there; an
+    earlier bag of the task is replaced only with `overwrite`.
     """
+    check_demo_targets(out, [task], overwrite)
     target = Path(out) / task
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{task}.")) / "bag"
     lengths, failed, next_seed, ns = [], 0, seed, 0
-    try:
-        with (
-            SimEnv(task, width=width, height=height, camera=camera) as env,
-            Writer(tmp, version=9, storage_plugin=StoragePlugin.MCAP) as writer,
-        ):
-            conns = {topic: writer.add_connection(topic, kind, typestore=TYPESTORE) for topic, kind in TOPICS.items()}
-            dt_ns = round(env.dt * 1e9)
-            bar = tqdm(total=episodes, desc=task, unit="ep", leave=False)
-            while len(lengths) < episodes:
-                steps, success = _run_expert(env, next_seed)
-                next_seed += 1
-                if not success:
-                    failed += 1
-                    continue
-                _write(
-                    writer, conns, TYPESTORE.types["std_msgs/msg/String"](data=INSTRUCTIONS[task]), "/instruction", ns
-                )
-                for image, state, action in steps:
-                    for topic, msg in _messages(ns, image, state, action, dt_ns).items():
-                        _write(writer, conns, msg, topic, ns)
-                    ns += dt_ns
-                ns += EPISODE_GAP_NS
-                lengths.append(len(steps))
-                bar.update()
-            bar.close()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+    with (
+        atomic_dir(target) as tmp,
+        SimEnv(task, width=width, height=height, camera=camera) as env,
+        Writer(tmp, version=9, storage_plugin=StoragePlugin.MCAP) as writer,
+    ):
+        conns = {topic: writer.add_connection(topic, kind, typestore=TYPESTORE) for topic, kind in TOPICS.items()}
+        dt_ns = round(env.dt * 1e9)
+        bar = tqdm(total=episodes, desc=task, unit="ep", leave=False)
+        while len(lengths) < episodes:
+            steps, success = _run_expert(env, next_seed)
+            next_seed += 1
+            if not success:
+                failed += 1
+                continue
+            _write(writer, conns, TYPESTORE.types["std_msgs/msg/String"](data=INSTRUCTIONS[task]), "/instruction", ns)
+            for image, state, action in steps:
+                for topic, msg in _messages(ns, image, state, action, dt_ns).items():
+                    _write(writer, conns, msg, topic, ns)
+                ns += dt_ns
+            ns += EPISODE_GAP_NS
+            lengths.append(len(steps))
+            bar.update()
+        bar.close()
     return {"task": task, "bag": str(target), "episodes": len(lengths), "steps": sum(lengths), "failed_seeds": failed}
 
 
@@ -149,8 +163,10 @@ def _write(writer: Writer, conns: dict, msg, topic: str, ns: int) -> None:
     writer.write(conns[topic], ns, TYPESTORE.serialize_cdr(msg, TOPICS[topic]))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Record scripted MetaWorld expert demos as rosbag2 (mcap) bags.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Record scripted MetaWorld expert demos as rosbag2 (mcap) bags."
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder that receives one bag per task")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(INSTRUCTIONS))
     parser.add_argument("--episodes", type=int, default=40, help="successful episodes per task")
@@ -158,9 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=112)
     parser.add_argument("--height", type=int, default=112)
     parser.add_argument("--camera", default="scene", help="'scene' (free camera) or a MetaWorld camera name")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier bags of the same tasks in --out")
     args = parser.parse_args(argv)
+    check_demo_targets(args.out, args.tasks, args.overwrite)
     for task in tqdm(args.tasks, desc="tasks", unit="task"):
-        info = record_task(args.out, task, args.episodes, args.seed, args.width, args.height, args.camera)
+        info = record_task(
+            args.out, task, args.episodes, args.seed, args.width, args.height, args.camera, args.overwrite
+        )
         skipped = info["failed_seeds"]
         tqdm.write(f"{info['bag']}: {info['episodes']} episodes, {info['steps']} steps, {skipped} failed seeds skipped")
 

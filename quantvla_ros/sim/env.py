@@ -18,6 +18,8 @@ import contextlib
 import os
 import warnings
 
+from quantvla_ros.errors import QuantVLAError
+
 # Headless rendering; must be set before mujoco is imported. A user's choice (egl, glfw) wins.
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 # OSMesa and triton (which torch imports lazily, e.g. when it builds a model) each bundle LLVM;
@@ -67,7 +69,7 @@ class SimEnv:
         max_steps: int = MAX_STEPS,
     ) -> None:
         if task not in INSTRUCTIONS:
-            raise ValueError(f"Unknown task {task!r}; use one of {sorted(INSTRUCTIONS)}.")
+            raise QuantVLAError(f"Unknown task {task!r}; use one of {sorted(INSTRUCTIONS)}.")
         self.task = task
         self.instruction = INSTRUCTIONS[task]
         self.max_steps = max_steps
@@ -91,7 +93,7 @@ class SimEnv:
             self._camera = camera if camera != "scene" else _scene_camera()
             if camera != "scene" and mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera) < 0:
                 self.close()
-                raise ValueError(f"Unknown camera {camera!r}; use 'scene' or one of the model's cameras.")
+                raise QuantVLAError(f"Unknown camera {camera!r}; use 'scene' or one of the model's cameras.")
         self.steps = 0
         self._obs: np.ndarray | None = None
 
@@ -105,7 +107,7 @@ class SimEnv:
         """Apply one action; returns (observation, success, done) with done on success or time-out."""
         action = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
         if action.shape != (len(ACTION_NAMES),):
-            raise ValueError(f"The action has {action.size} values; MetaWorld takes {len(ACTION_NAMES)}.")
+            raise QuantVLAError(f"The action has {action.size} values; MetaWorld takes {len(ACTION_NAMES)}.")
         self._obs, _, _, _, info = self._env.step(action)
         self.steps += 1
         success = bool(info["success"])

@@ -28,6 +28,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.ros.entry import run_node
 from quantvla_ros.ros.params import declare
 from quantvla_ros.sim.tasks import DEFAULT_TASKS
@@ -61,9 +62,9 @@ class SimNode(Node):
         super().__init__("sim_node")
         p = declare(self, PARAMETERS)
         if p["controller"] not in ("policy", "expert"):
-            raise ValueError(f"Parameter controller {p['controller']!r} must be 'policy' or 'expert'.")
+            raise QuantVLAError(f"Parameter controller {p['controller']!r} must be 'policy' or 'expert'.")
         if p["execute_steps"] < 1:
-            raise ValueError("Parameter execute_steps must be at least 1.")
+            raise QuantVLAError("Parameter execute_steps must be at least 1.")
         self.p = p
         latched = QoSProfile(
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL

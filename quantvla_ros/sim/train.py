@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
-from quantvla_ros.atomic import write_json_atomic
+from quantvla_ros.atomic import atomic_dir, write_json_atomic
+from quantvla_ros.data.bags import expand_bags
 from quantvla_ros.data.messages import image_to_rgb, joint_positions
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.gemma import GemmaConfig
 from quantvla_ros.models.common.images import image_to_model
 from quantvla_ros.models.common.normalizer import Normalizer, NormStats
@@ -46,6 +47,8 @@ from quantvla_ros.models.pi0.config import PI0Config
 from quantvla_ros.models.pi0.model import PI0Model
 from quantvla_ros.models.pi0.processor import resize_with_pad, tokenize_prompt
 from quantvla_ros.models.policy import Observation, Policy, load_float_policy
+from quantvla_ros.outputs import OutputKind, check_output_folder
+from quantvla_ros.progress import Progress as tqdm
 from quantvla_ros.sim.tasks import ACTION_NAMES, CONTROL_DT, STATE_NAMES
 
 ASSET_ID = "metaworld"
@@ -100,9 +103,9 @@ def read_episodes(bags: list[Path]) -> list[Episode]:
                     else:
                         steps.setdefault(ns, {})["action"] = np.asarray(msg.points[0].positions, np.float32)
         except Exception as e:  # rosbags raises many types for damaged bags
-            raise ValueError(f"Could not read demo bag {bag}: {e}") from None
+            raise QuantVLAError(f"Could not read demo bag {bag}: {e}") from None
         if not starts:
-            raise ValueError(f"Demo bag {bag} has no /instruction message; record it with quantvla_ros.sim.demos.")
+            raise QuantVLAError(f"Demo bag {bag} has no /instruction message; record it with quantvla_ros.sim.demos.")
         starts.sort()
         start_ns = [s for s, _ in starts]
         grouped: list[list[dict]] = [[] for _ in starts]
@@ -210,14 +213,18 @@ def initial_checkpoint(out: Path, episodes: list[Episode], seed: int, cfg: PI0Co
     states = np.concatenate([ep.states for ep in episodes])
     actions = np.concatenate([ep.actions for ep in episodes])
     stats = {"state": compute_stats(states), "actions": compute_stats(actions)}
-    with tempfile.TemporaryDirectory() as tmp:
+    # The first checkpoint replaces whatever `out` held in one rename (train() checked that may go).
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(out) as staging:
         train_tokenizer(Path(tmp), prompt_texts(episodes), vocab_size=320)
         tokenizer = PromptTokenizer.from_dir(Path(tmp))
         max_len = int(math.ceil(longest_prompt(tokenizer, episodes) / 8) * 8)
         cfg = cfg.with_changes(vocab_size=tokenizer.vocab_size, max_token_len=max_len)
         torch.manual_seed(seed)
-        save_pi0(PI0Model(cfg), out, "openpi", stats, Path(tmp), asset_id=ASSET_ID)
+        save_pi0(PI0Model(cfg), staging, "openpi", stats, Path(tmp), asset_id=ASSET_ID)
     return load_float_policy(out, device="cpu", dtype=torch.float32)
+
+
+DEMO_CHECKPOINT = OutputKind("a checkpoint written by train-demo", lambda p: (p / "training.json").is_file())
 
 
 def train(
@@ -231,11 +238,15 @@ def train(
     dt: float = CONTROL_DT,
     cfg: PI0Config = DEMO_CONFIG,
     max_minutes: float | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    bag_dirs = sorted(p.parent for p in Path(bags).glob("*/metadata.yaml")) or [Path(bags)]
+    """Train on the bags under `bags` into the checkpoint folder `out`: a new or empty folder, or
+    (with `overwrite`) a checkpoint this function wrote before; nothing else is ever replaced."""
+    check_output_folder(out, "--out", DEMO_CHECKPOINT, overwrite)
+    bag_dirs = expand_bags([Path(bags)])
     episodes = read_episodes(bag_dirs)
     if not episodes:
-        raise ValueError(f"No demo episodes found in {bags}; record some with quantvla_ros.sim.demos.")
+        raise QuantVLAError(f"No demo episodes found in {bags}; record some with quantvla_ros.sim.demos.")
     out = Path(out)
     policy = initial_checkpoint(out, episodes, seed, cfg)
     samples = Samples(episodes, policy)
@@ -301,10 +312,11 @@ def _save(model: PI0Model, out: Path, policy: Policy, log: dict) -> None:
     model.train()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the small π0.5 demo policy on MetaWorld demo bags.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Train the small π0.5 demo policy on MetaWorld demo bags.")
     parser.add_argument("--bags", type=Path, required=True, help="a bag folder or a folder of bags")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (openpi layout)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint train-demo wrote at --out")
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"Bag path {args.bags} does not exist; record demos with python -m quantvla_ros.sim.demos.")
     log = train(
         args.bags, args.out, args.steps, args.seed, args.batch_size, args.lr, args.save_every,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes, overwrite=args.overwrite,
     )  # fmt: skip
     print(json.dumps({k: v for k, v in log.items() if k != "losses"}, indent=2))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,8 +200,9 @@ def test_corrupt_bag_is_named_and_leaves_nothing_behind(checkpoints, bags, tmp_p
 def test_missing_or_mistyped_topic_and_empty_bag_are_named(tmp_path):
     mapping = TopicMapping.from_params(MAPPING)
     no_joints = write_bag(tmp_path / "no_joints", "sqlite3", ["x"], skip_topic="/joint_states")
-    with pytest.raises(BagError, match=f"Bag {no_joints} has no topic /joint_states"):
+    with pytest.raises(BagError, match=f"Bag {no_joints} has no topic /joint_states") as err:
         read_observations([no_joints], mapping, samples=4)
+    assert "the bag's topics: /cam/base/image_raw (sensor_msgs/msg/Image)" in str(err.value)
     mistyped = TopicMapping.from_params({**MAPPING, "camera_types": ["compressed", "compressed"]})
     good = write_bag(tmp_path / "good", "mcap", ["x"])
     with pytest.raises(BagError, match="topic /cam/base/image_raw carries sensor_msgs/msg/Image, not"):
@@ -210,6 +212,33 @@ def test_missing_or_mistyped_topic_and_empty_bag_are_named(tmp_path):
         read_observations([empty], mapping, samples=4)
     with pytest.raises(BagError, match="does not exist"):
         read_observations([tmp_path / "nope"], mapping, samples=4)
+
+
+def test_calibrate_never_writes_its_artifact_over_another_folder(checkpoints, bags, tmp_path, capsys):
+    recorded = tmp_path / "recorded"
+    shutil.copytree(bags[0], recorded)
+    before = sorted(p.name for p in recorded.iterdir())
+    files = params_files(tmp_path, checkpoints[(True, "openpi")], bags[:1], artifact=str(recorded), method="rtn")
+    assert main(["calibrate", *[a for f in files for a in ("--params-file", str(f))]]) == 2
+    err = capsys.readouterr().err
+    assert f"Artifact folder {recorded} is a non-empty folder that is not a quantized artifact" in err
+    assert sorted(p.name for p in recorded.iterdir()) == before
+    assert not (tmp_path / "calib.safetensors").exists()  # refused before reading any bag
+
+
+def test_calibrate_reads_a_folder_of_bags_and_sets_the_artifacts_bits(checkpoints, bags, tmp_path, capsys):
+    folder = tmp_path / "recorded"
+    folder.mkdir()
+    for bag in bags[:2]:
+        shutil.copytree(bag, folder / bag.name)
+    files = params_files(tmp_path, checkpoints[(True, "openpi")], [folder], method="rtn")
+    args = ["calibrate", *[a for f in files for a in ("--params-file", str(f))]]
+    assert main([*args, "--w-bits", "8"]) == 2
+    assert "--w-bits and --a-bits set the artifact's bits; pass --artifact" in capsys.readouterr().err
+    assert main([*args, "--artifact", str(tmp_path / "w8"), "--w-bits", "8", "--a-bits", "8"]) == 0
+    assert "Wrote " + str(tmp_path / "w8") + ": rtn W8A8" in capsys.readouterr().out
+    buffer = load_buffer(tmp_path / "calib.safetensors")
+    assert [s["bag"] for s in buffer.manifest["sources"]] == ["run_mcap", "run_sqlite"]
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,7 @@ import groot_fixtures
 import numpy as np
 import pytest
 import smolvla_fixtures
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from quantvla_ros.cli import main
@@ -34,7 +32,7 @@ from quantvla_ros.quant.layout import LAYOUTS
 from quantvla_ros.sim.ros_eval import evaluate_over_ros
 from quantvla_ros.sim.tasks import ACTION_NAMES, STATE_NAMES
 
-from conftest import INSTRUCTIONS, observation
+from conftest import INSTRUCTIONS, observation, to_legacy_lerobot
 
 pytestmark = pytest.mark.integration
 FAMILIES = ["pi05", "groot", "smolvla"]
@@ -138,25 +136,6 @@ def test_the_simulator_loop_runs_every_family_through_the_policy_node(family, tm
     task = result["tasks"]["reach"]
     # Ten simulator steps are two action chunks, each answering its observation over DDS.
     assert len(task["successes"]) == 1 and task["mean_length"] == 10 and result["via"] == "ros"
-
-
-def to_legacy_lerobot(folder: Path, out: Path) -> Path:
-    """The same LeRobot checkpoint as a release before the processor pipelines wrote it: statistics
-    as normalizer buffers among the weights, no processor JSON or normalizer files."""
-    shutil.copytree(folder, out)
-    stats = load_policy(folder).info.norm_stats
-    weights = load_file(out / "model.safetensors")
-    for prefix, feature, key in [
-        ("normalize_inputs", "observation_state", "state"),
-        ("normalize_targets", "action", "actions"),
-        ("unnormalize_outputs", "action", "actions"),
-    ]:
-        for name in ("mean", "std"):
-            weights[f"{prefix}.buffer_{feature}.{name}"] = torch.from_numpy(getattr(stats[key], name).copy())
-    save_file(weights, out / "model.safetensors")
-    for f in [*out.glob("policy_*processor*.json"), *out.glob("*normalizer_processor.safetensors")]:
-        f.unlink()
-    return out
 
 
 @pytest.mark.parametrize("family", ["pi0", "smolvla"])

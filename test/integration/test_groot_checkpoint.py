@@ -35,6 +35,7 @@ from quantvla_ros.models.registry import family_for, load_model, read_checkpoint
 pytestmark = pytest.mark.integration
 
 LAYOUTS = {"nvidia": {}, "nvidia_sharded": {"max_shard_bytes": 100_000}, "lerobot": {}}
+LAYOUT_NAMES = ("nvidia", "lerobot")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,10 @@ def test_statistics_are_concatenated_in_modality_order(checkpoints, name):
         for stat in ("min", "max", "mean", "q99"):
             expected = np.concatenate([getattr(stats[f"{prefix}.{k}"], stat) for k in keys])
             np.testing.assert_array_equal(getattr(info.norm_stats[name_], stat), expected)
+
+
+def test_nvidia_metadata_names_each_action_dimension(checkpoints):
+    assert read_checkpoint(checkpoints["nvidia"]).action_names == ("arm[0]", "arm[1]", "arm[2]", "gripper")
 
 
 def rewrite_weights(path: Path, change) -> None:
@@ -213,18 +218,43 @@ def processor(checkpoints) -> GR00TProcessor:
     return GR00TProcessor.from_checkpoint(read_checkpoint(checkpoints["nvidia"]))
 
 
-def test_images_are_center_cropped_resized_and_scaled(processor):
+@pytest.fixture(scope="module")
+def processors(checkpoints) -> dict[str, GR00TProcessor]:
+    return {layout: GR00TProcessor.from_checkpoint(read_checkpoint(checkpoints[layout])) for layout in LAYOUT_NAMES}
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_images_are_center_cropped_resized_and_scaled(processors, layout):
+    processor = processors[layout]
     cfg = processor.cfg
     # A 1-pixel bright frame around a dark 40x40 image lies outside the 95% centre crop (38x38 at 1, 1).
     framed = np.zeros((40, 40, 3), dtype=np.uint8)
     framed[[0, -1]] = framed[:, [0, -1]] = 255
-    assert crop_and_resize(framed, cfg.image_size).max() == 0
+    assert crop_and_resize(framed, cfg.image_size, truncate=layout == "nvidia").max() == 0
     flat = np.full((30, 50, 3), 51, dtype=np.uint8)
     images, masks = processor.images({"front": framed, "wrist": flat})
     assert images.shape == (2, 3, cfg.image_size, cfg.image_size) and images.dtype == np.float32
     assert masks == [True, True]
     np.testing.assert_allclose(images[0], -1.0)
-    np.testing.assert_allclose(images[1], 51 / 255 * 2 - 1, rtol=1e-6)
+    # Resizing a flat image in float can land a hair under 51, which NVIDIA's truncation makes 50.
+    levels = {"nvidia": (50, 51), "lerobot": (51,)}[layout]
+    assert np.isin(np.rint((images[1] + 1) / 2 * 255), levels).all()
+
+
+def test_nvidia_pixels_are_resized_in_float_and_truncated_lerobot_ones_rounded(processors):
+    image = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    size = processors["nvidia"].cfg.image_size
+    crop = torch.from_numpy(image[2:47, 2:62].copy()).permute(2, 0, 1)[None].float() / 255  # 95%: 45 x 60 at (2, 2)
+    resized = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+    exact = resized[0].permute(1, 2, 0).numpy() * 255
+    truncated, rounded = crop_and_resize(image, size, truncate=True), crop_and_resize(image, size)
+    np.testing.assert_array_equal(truncated, np.floor(exact).astype(np.uint8))  # Isaac-GR00T's (x*255).to(uint8)
+    assert np.abs(rounded.astype(int) - np.rint(exact)).max() <= 1  # PIL's 8-bit resize rounds
+    assert (rounded.astype(int) - truncated == 1).mean() > 0.2
+    nvidia = processors["nvidia"].images({"front": image, "wrist": image})[0][0]
+    np.testing.assert_array_equal(nvidia, (truncated.astype(np.float32) / 255 * 2 - 1).transpose(2, 0, 1))
+    lerobot = processors["lerobot"].images({"front": image, "wrist": image})[0][0]
+    np.testing.assert_array_equal(lerobot, (rounded.astype(np.float32) / 255 * 2 - 1).transpose(2, 0, 1))
 
 
 def test_every_camera_is_required(processor):
@@ -232,21 +262,32 @@ def test_every_camera_is_required(processor):
         processor.images({"front": np.zeros((28, 28, 3), dtype=np.uint8)})
 
 
-def test_prompt_has_the_image_tokens_and_left_padding(processor, checkpoints):
+@pytest.mark.parametrize(
+    ("layout", "text"), [("nvidia", "pick up the red cup"), ("lerobot", "['pick up the red cup']")]
+)
+def test_prompt_has_the_image_tokens_and_left_padding(processors, checkpoints, layout, text):
+    processor = processors[layout]
     cfg = processor.cfg
     tokens, mask = processor.prompt("pick up the red cup", np.zeros(STATE_DIM, dtype=np.float32))
-    tok = EagleTokenizer.from_dir(checkpoints["nvidia"])
+    tok = EagleTokenizer.from_dir(checkpoints[layout])
     assert tokens.shape == mask.shape == (cfg.max_token_len,) and tokens.dtype == np.int64
     assert (tokens == tok.tokenizer.token_to_id(IMAGE_CONTEXT)).sum() == len(cfg.camera_names) * cfg.tokens_per_image
     start = int(np.argmax(mask))
     assert start > 0 and mask[start:].all() and not mask[:start].any()
     assert (tokens[:start] == tok.pad_id).all()
-    text = tok.tokenizer.decode(tokens[mask].tolist(), skip_special_tokens=False)
-    assert text.startswith("<|im_start|>system\n")
-    assert "<|im_start|>user\n<image 1><img><IMG_CONTEXT>" in text
-    assert text.endswith("</img>['pick up the red cup']<|im_end|>\n<|im_start|>assistant\n")
+    decoded = tok.tokenizer.decode(tokens[mask].tolist(), skip_special_tokens=False)
+    assert decoded.startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\n<image 1><img><IMG_CONTEXT>" in decoded
+    # NVIDIA's GR00TTransform writes the instruction itself, LeRobot's port str([instruction]).
+    assert decoded.endswith(f"</img>{text}<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="max_token_len"):
         processor.prompt("pick up the red cup " * 20, np.zeros(STATE_DIM, dtype=np.float32))
+
+
+def test_the_layouts_prepare_inputs_differently_so_their_buffers_differ(processors):
+    signatures = [processors[layout].signature() for layout in LAYOUT_NAMES]
+    assert signatures[0]["prompt"] != signatures[1]["prompt"]
+    assert signatures[0]["image_transform"] != signatures[1]["image_transform"]
 
 
 def test_signature_records_the_tokenizer(processor):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.loader import load_policy
 
 from conftest import ACTION_DIM, STATE_DIM, observation, robot_stats
@@ -119,7 +120,7 @@ def test_bad_observations_fail_with_one_clear_sentence(policies, obs, message):
 def test_bad_noise_shape_and_bad_path_are_clear(policies, tmp_path):
     with pytest.raises(ValueError, match="noise has shape"):
         policies[(True, "openpi")].predict(observation(), noise=np.zeros((2, 2)))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(QuantVLAError, match="does not exist"):
         load_policy(tmp_path / "nowhere")
 
 

@@ -1,5 +1,6 @@
 """Demo bags: what the generator writes, that rosbags reads it back, and that training learns from it."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 
+from quantvla_ros.cli import main
 from quantvla_ros.data.bags import read_observations
 from quantvla_ros.data.mapping import TopicMapping, read_params_file
 from quantvla_ros.loader import load_policy
@@ -107,3 +109,31 @@ def test_the_calibration_reader_takes_the_generated_bags_with_the_sim_mapping(ba
     assert {o.instruction for o in observations} == {INSTRUCTIONS["reach"]}
     assert observations[0].images["base_0_rgb"].shape == (32, 48, 3)
     assert observations[0].state.shape == (len(STATE_NAMES),)
+
+
+def test_record_demos_replaces_only_its_own_bags_and_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "demos"
+    (out / "reach").mkdir(parents=True)
+    (out / "reach" / "calibration.safetensors").write_bytes(b"someone's buffer")
+    args = ["record-demos", "--out", str(out), "--tasks", "reach", "--episodes", "1", "--width", "32", "--height", "32"]
+    assert main(args) == 2
+    assert f"--out {out} is a non-empty folder that is not a folder of rosbag2 bags" in capsys.readouterr().err
+    assert (out / "reach" / "calibration.safetensors").read_bytes() == b"someone's buffer"
+    shutil.rmtree(out / "reach")
+    assert main(args) == 0
+    bag = sorted(p.name for p in (out / "reach").iterdir())
+    assert main(args) == 2
+    assert "already holds a rosbag2 bag; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "reach").iterdir()) == bag
+    assert [p.name for p in out.iterdir()] == ["reach"]
+
+
+def test_train_demo_never_writes_over_another_checkpoint(bags, checkpoints, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(checkpoints[(True, "openpi")], other)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    args = ["train-demo", "--bags", str(bags), "--steps", "1", "--save-every", "1", "--batch-size", "2"]
+    assert main([*args, "--out", str(other), "--overwrite"]) == 2
+    assert "is a non-empty folder that is not a checkpoint written by train-demo" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before

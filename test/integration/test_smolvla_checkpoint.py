@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import shutil
@@ -11,16 +12,26 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from smolvla_fixtures import PAD_TOKEN, make_smolvla_checkpoint, model_inputs, robot_images, robot_state
+from smolvla_fixtures import (
+    PAD_TOKEN,
+    make_smolvla_checkpoint,
+    model_inputs,
+    robot_images,
+    robot_state,
+    write_smolvlm_tokenizer,
+)
 from tokenizers import Tokenizer
 
 from quantvla_ros.models.common.checkpoint import CheckpointError
+from quantvla_ros.models.common.normalizer import NormStats
 from quantvla_ros.models.policy import Observation, load_float_policy
 from quantvla_ros.models.registry import family_for, load_model, read_checkpoint
 from quantvla_ros.models.smolvla.checkpoint import SMOLVLA_FAMILY, save_smolvla
+from quantvla_ros.models.smolvla.config import smolvla_tiny
+from quantvla_ros.models.smolvla.model import SmolVLAModel
 from quantvla_ros.models.smolvla.processor import SmolVLAProcessor
 
-from conftest import ACTION_DIM, STATE_DIM
+from conftest import ACTION_DIM, STATE_DIM, to_legacy_lerobot
 
 pytestmark = pytest.mark.integration
 
@@ -258,3 +269,77 @@ def test_policy_predicts_a_chunk_in_robot_units(checkpoint):
     )
     assert np.abs(other.actions - chunk.actions).max() > 1e-4
     assert policy.input_signature()["image_padding"] == "top_left"
+
+
+# ---- adapt_to_pi_aloha -------------------------------------------------------------------
+def lerobot_decode_state(state: torch.Tensor) -> torch.Tensor:
+    """LeRobot's SmolVLAPolicy._pi_aloha_decode_state, transcribed (torch, float32)."""
+    state = state.clone()
+    for i in [1, 2, 8, 9]:
+        state[:, i] *= -1
+    for i in [6, 13]:
+        value = state[:, i] * (0.05800 - 0.01844) + 0.01844
+        value = torch.arcsin(torch.clamp((0.022**2 + value**2 - 0.036**2) / (2 * 0.022 * value), -1.0, 1.0))
+        state[:, i] = (value - 0.4) / (1.5 - 0.4)
+    return state
+
+
+def lerobot_encode_actions(actions: torch.Tensor) -> torch.Tensor:
+    """LeRobot's SmolVLAPolicy._pi_aloha_encode_actions, transcribed."""
+    actions = actions.clone()
+    for i in [1, 2, 8, 9]:
+        actions[:, :, i] *= -1
+    for i in [6, 13]:
+        actions[:, :, i] = (actions[:, :, i] * (1.5 - 0.4) + 0.4 - -0.6213) / (1.4910 - -0.6213)
+    return actions
+
+
+@pytest.fixture(scope="module")
+def aloha_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("aloha")
+    tokenizer = write_smolvlm_tokenizer(root / "tokenizer")
+    vocab = Tokenizer.from_file(str(tokenizer / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    model = SmolVLAModel(dataclasses.replace(smolvla_tiny(vocab), max_state_dim=16, action_dim=16)).eval()
+    rng = np.random.default_rng(5)
+    stats = {k: NormStats(mean=rng.uniform(-0.2, 0.2, 14), std=rng.uniform(0.2, 0.5, 14)) for k in ("state", "actions")}
+    current = save_smolvla(model, root / "current", stats, tokenizer)
+    edit_config(current, adapt_to_pi_aloha=True)
+    return {"current": current, "legacy": to_legacy_lerobot(current, root / "legacy")}
+
+
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_adapt_to_pi_aloha_converts_state_and_actions_where_lerobot_did(aloha_checkpoints, layout):
+    policy = load_float_policy(aloha_checkpoints[layout])
+    state = np.random.default_rng(1).uniform(0.1, 0.9, 14).astype(np.float32)  # grippers: Aloha's 0..1
+    obs = Observation(images=robot_images(), instruction="pick up the red cup", state=state)
+    stats = {k: policy.info.norm_stats[k] for k in ("state", "actions")}
+    mean, std = (torch.tensor(np.asarray(getattr(stats["state"], n), np.float32)) for n in ("mean", "std"))
+    raw = torch.from_numpy(state)[None]
+    # LeRobot 0.4 on normalizes in its processor pipeline first; earlier releases converted robot units.
+    if layout == "current":
+        expected_state = lerobot_decode_state((raw - mean) / (std + 1e-8))
+    else:
+        expected_state = (lerobot_decode_state(raw) - mean) / (std + 1e-8)
+    np.testing.assert_allclose(policy.prepare(obs).state[0, :14].numpy(), expected_state[0].numpy(), atol=1e-5)
+
+    noise = np.random.default_rng(2).standard_normal((policy.horizon, 16)).astype(np.float32)
+    model_actions = policy.sample(policy.prepare(obs), noise)[:, :, :14]
+    a_mean, a_std = (torch.tensor(np.asarray(getattr(stats["actions"], n), np.float32)) for n in ("mean", "std"))
+    if layout == "current":
+        expected = lerobot_encode_actions(model_actions) * (a_std + 1e-8) + a_mean
+    else:
+        expected = lerobot_encode_actions(model_actions * (a_std + 1e-8) + a_mean)
+    np.testing.assert_allclose(policy.predict(obs, noise).actions, expected[0].numpy(), atol=1e-4)
+    assert policy.input_signature()["robot_adapter"] == "adapt_to_pi_aloha"
+
+
+def test_aloha_settings_that_cannot_be_honoured_are_refused(checkpoint, aloha_checkpoints, tmp_path):
+    six_joints = copy(checkpoint, tmp_path)
+    edit_config(six_joints, adapt_to_pi_aloha=True)
+    with pytest.raises(CheckpointError, match=r"adapt_to_pi_aloha, which converts a 14-value Aloha state"):
+        read_checkpoint(six_joints)
+    delta = copy(aloha_checkpoints["current"], tmp_path)
+    edit_config(delta, use_delta_joint_actions_aloha=True)
+    with pytest.raises(CheckpointError, match="use_delta_joint_actions_aloha, which LeRobot itself never implemented"):
+        read_checkpoint(delta)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # sit above quantization (the calibration node quantizes), the simulator above the nodes (it
 # evaluates through them), and the demo and the CLI on top.
 LAYERS = [
-    {"atomic", "paths"},
+    {"atomic", "errors", "outputs", "paths", "progress"},
     {"quantvla_kernels"},
     {"models"},
     {"engine"},

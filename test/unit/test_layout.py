@@ -7,6 +7,7 @@ import torch
 
 from quantvla_ros.models.pi0.config import pi05_full
 from quantvla_ros.models.pi0.model import PI0Model
+from quantvla_ros.quant.config import method_config
 from quantvla_ros.quant.layout import LAYOUTS, get_layout
 from quantvla_ros.quant.memory import layout_memory
 
@@ -61,11 +62,9 @@ def test_bad_layouts_are_one_sentence(args, message):
         get_layout(*args)
 
 
-@pytest.mark.parametrize(
-    "transform_kind", [None, "smooth+rotation1_signs+perm+rotation2_signs"], ids=["rtn", "quantvla-duquant"]
-)
-def test_quantvla_weight_bytes_are_at_most_030_of_bf16(full_pi05, transform_kind):
-    report = layout_memory(full_pi05, LAYOUTS["quantvla"], w_bits=4, transform_kind=transform_kind)
+@pytest.mark.parametrize("method", ["rtn", "quantvla"])
+def test_quantvla_weight_bytes_are_at_most_030_of_bf16(full_pi05, method):
+    report = layout_memory(full_pi05, method_config(method))
     # 180 Linears as 108 layers: per LLM layer q/k/v fused, o, gate/up fused, down; per expert layer
     # gate/up fused and down.
     assert report["quantized_linears"] == 180 and len(report["modules"]) == 18 * 4 + 18 * 2

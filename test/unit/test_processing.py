@@ -7,6 +7,7 @@ import safetensors.numpy
 import torch
 import torch.nn.functional as F
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.images import image_to_model
 from quantvla_ros.models.common.normalizer import (
     Normalizer,
@@ -242,10 +243,10 @@ def test_openpi_loader_errors_name_the_file(tmp_path, text, match):
     assert str(path) in str(err.value)
 
 
-def test_missing_stats_files_raise_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+def test_missing_stats_files_are_user_errors(tmp_path):
+    with pytest.raises(QuantVLAError, match="nope.json"):
         load_openpi_norm_stats(tmp_path / "nope.json")
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(QuantVLAError, match="nope.safetensors"):
         load_lerobot_norm_stats([tmp_path / "nope.safetensors"])
 
 

@@ -6,6 +6,7 @@ import pytest
 import sentencepiece
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.tokenizer import PromptTokenizer, train_tokenizer
 from quantvla_ros.models.pi0 import processor as pi0_processor
 from quantvla_ros.models.pi0.processor import tokenize_prompt
@@ -88,7 +89,7 @@ def test_tokenizer_json_without_bos_is_rejected(tmp_path):
 
 
 def test_missing_and_broken_tokenizer_files(tmp_path, sp_dir, json_dir):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(QuantVLAError) as err:
         PromptTokenizer.from_dir(tmp_path)
     assert str(tmp_path) in str(err.value)
     assert "tokenizer.model" in str(err.value) and "tokenizer.json" in str(err.value)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quantvla_ros.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.normalizer import NormStats, load_lerobot_norm_stats, save_lerobot_norm_stats
 
 WEIGHTS_FILE = "model.safetensors"
@@ -32,8 +35,21 @@ LEGACY_LEROBOT_NORMALIZER = re.compile(
 _LEGACY_FEATURES = {"observation_state": "state", "action": "actions"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QuantVLAError):
     """A checkpoint that cannot be used as it is; the message names the file or key."""
+
+
+@dataclass(frozen=True)
+class RobotAdapter:
+    """A conversion between the robot's units and the ones the model was trained in, which a
+    checkpoint's config asks for (LeRobot's `adapt_to_pi_aloha`). `normalized` says where the
+    training pipeline applied it: to normalized values (after the state's normalization, before
+    the actions' un-normalization) or to robot units."""
+
+    name: str
+    state: Callable[[np.ndarray], np.ndarray]  # robot -> model, on one state vector
+    actions: Callable[[np.ndarray], np.ndarray]  # model -> robot, on [horizon, action_dim]
+    normalized: bool
 
 
 @dataclass
@@ -50,6 +66,8 @@ class CheckpointInfo:
     action_dim: int | None  # robot units after slicing; None = all model dims
     norm_eps: float
     asset_id: str | None = None  # openpi asset / GR00T embodiment tag the statistics belong to
+    adapter: RobotAdapter | None = None
+    action_names: tuple[str, ...] | None = None  # where the checkpoint names its action dimensions
 
 
 def read_json(path: Path) -> dict:

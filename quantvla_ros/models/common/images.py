@@ -6,11 +6,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from quantvla_ros.errors import QuantVLAError
+
 
 def image_to_model(image: np.ndarray) -> np.ndarray:
     """Map uint8 [0, 255] pixels to the float32 [-1, 1] range SigLIP expects."""
     if image.dtype != np.uint8:
-        raise ValueError(f"image_to_model needs a uint8 image, got dtype {image.dtype}; pass 8-bit pixels.")
+        raise QuantVLAError(f"image_to_model needs a uint8 image, got dtype {image.dtype}; pass 8-bit pixels.")
     # The same float32 operations as openpi's Observation.from_dict, so results match bit for bit.
     return image.astype(np.float32) / 255.0 * 2.0 - 1.0
 

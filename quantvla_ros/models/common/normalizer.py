@@ -11,6 +11,7 @@ import numpy as np
 import safetensors.numpy
 
 from quantvla_ros.atomic import write_bytes_atomic
+from quantvla_ros.errors import QuantVLAError
 
 NormMode = Literal["mean_std", "quantiles", "min_max"]
 
@@ -78,15 +79,15 @@ class Normalizer:
         elif mode == "min_max":
             pair, names = (stats.min, stats.max), "min and max"
         else:
-            raise ValueError(f"Unknown normalization mode {mode!r}; use 'mean_std', 'quantiles' or 'min_max'.")
+            raise QuantVLAError(f"Unknown normalization mode {mode!r}; use 'mean_std', 'quantiles' or 'min_max'.")
         if pair[0] is None or pair[1] is None:
-            raise ValueError(
+            raise QuantVLAError(
                 f"Normalization mode {mode!r} needs {names} statistics, which are missing; "
                 "use stats that have them or pick the other mode."
             )
         low, high = (a.astype(np.float64) for a in pair)
         if low.ndim != 1 or low.shape != high.shape:
-            raise ValueError(
+            raise QuantVLAError(
                 f"The {names} statistics must be 1-D vectors of equal length, "
                 f"got shapes {low.shape} and {high.shape}; check the stats file."
             )
@@ -140,13 +141,15 @@ def load_lerobot_norm_stats(files: list[Path]) -> dict[str, NormStats]:
         try:
             tensors = safetensors.numpy.load(file.read_bytes())
         except FileNotFoundError:
-            raise FileNotFoundError(f"Normalizer file {file} does not exist; check the checkpoint folder.") from None
+            raise QuantVLAError(f"Normalizer file {file} does not exist; check the checkpoint folder.") from None
         except safetensors.SafetensorError as e:
-            raise ValueError(f"Normalizer file {file} is not a valid safetensors file ({e}); re-export it.") from None
+            raise QuantVLAError(
+                f"Normalizer file {file} is not a valid safetensors file ({e}); re-export it."
+            ) from None
         for flat_key, array in tensors.items():
             feature, dot, stat = flat_key.rpartition(".")
             if not dot:
-                raise ValueError(
+                raise QuantVLAError(
                     f'Normalizer file {file} has key "{flat_key}", not "<feature>.<stat>"; '
                     "pass LeRobot normalizer files only."
                 )
@@ -154,7 +157,7 @@ def load_lerobot_norm_stats(files: list[Path]) -> dict[str, NormStats]:
                 continue
             feature_stats = merged.setdefault(_LEROBOT_TO_OPENPI.get(feature, feature), {})
             if stat in feature_stats and not np.array_equal(feature_stats[stat], array):
-                raise ValueError(
+                raise QuantVLAError(
                     f'Normalizer file {file} disagrees with an earlier file on "{flat_key}"; '
                     "pass files from one checkpoint."
                 )

@@ -9,6 +9,7 @@ import sentencepiece
 import tokenizers
 
 from quantvla_ros.atomic import write_bytes_atomic
+from quantvla_ros.errors import QuantVLAError
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -27,9 +28,7 @@ def tokenizer_file(path: Path) -> Path:
     for name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE):
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(
-        f"No tokenizer in {path}; put the PaliGemma {SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE} there."
-    )
+    raise QuantVLAError(f"No tokenizer in {path}; put the PaliGemma {SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE} there.")
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,9 @@ class PromptTokenizer:
         try:
             sp = sentencepiece.SentencePieceProcessor(model_proto=file.read_bytes())
         except RuntimeError as e:
-            raise ValueError(f"{file} is not a valid SentencePiece model ({e}); replace it.") from None
+            raise QuantVLAError(f"{file} is not a valid SentencePiece model ({e}); replace it.") from None
         if sp.bos_id() < 0:
-            raise ValueError(f"SentencePiece model {file} defines no BOS token; use the PaliGemma tokenizer.")
+            raise QuantVLAError(f"SentencePiece model {file} defines no BOS token; use the PaliGemma tokenizer.")
         return cls(
             encode_text=sp.encode,
             bos_id=sp.bos_id(),
@@ -69,12 +68,12 @@ class PromptTokenizer:
         try:
             tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-            raise ValueError(f"{file} is not a valid tokenizer.json ({e}); replace it.") from None
+            raise QuantVLAError(f"{file} is not a valid tokenizer.json ({e}); replace it.") from None
         # Gemma's tokenizer.json adds BOS through its post-processor; we encode without special
         # tokens and prepend the id ourselves, so look it up by name.
         bos_id = tok.token_to_id("<bos>")
         if bos_id is None:
-            raise ValueError(f"{file} has no <bos> token; use the PaliGemma tokenizer.json or tokenizer.model.")
+            raise QuantVLAError(f"{file} has no <bos> token; use the PaliGemma tokenizer.json or tokenizer.model.")
         pad_id = tok.token_to_id("<pad>")
         return cls(
             encode_text=lambda text: tok.encode(text, add_special_tokens=False).ids,

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.qwen3 import Qwen3Config
 from quantvla_ros.models.common.siglip import SiglipConfig
 
@@ -66,11 +67,11 @@ class GR00TConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.embodiment_id < self.num_embodiments:
-            raise ValueError(
+            raise QuantVLAError(
                 f"Embodiment id {self.embodiment_id} is outside the model's {self.num_embodiments} embodiment rows."
             )
         if self.vision.image_size % self.vision.patch_size:
-            raise ValueError("The image size must be a multiple of the patch size.")
+            raise QuantVLAError("The image size must be a multiple of the patch size.")
 
     @property
     def image_size(self) -> int:

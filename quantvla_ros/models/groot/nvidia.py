@@ -60,14 +60,22 @@ def read_nvidia(path: Path, raw: dict, shapes: dict, asset_id: str | None) -> Ch
     cameras = tuple(modalities.get("video", {}))
     if not cameras:
         raise CheckpointError(f"{file} lists no video modality for {tag!r}; GR00T needs its camera names.")
+    order = {m: list(modalities.get(m) or statistics.get(m, {})) for m in ("state", "action")}
     stats = {
-        name: _metadata_stats(
-            statistics.get(modality, {}), list(modalities.get(modality) or statistics.get(modality, {})), file, modality
-        )
+        name: _metadata_stats(statistics.get(modality, {}), order[modality], file, modality)
         for name, modality in (("state", "state"), ("actions", "action"))
     }
     cfg = model_config(raw, shapes, cameras, tag, image_token_id(path), path / CONFIG_FILE)
-    return checkpoint_info(path, "nvidia", cfg, stats, tag)
+    info = checkpoint_info(path, "nvidia", cfg, stats, tag)
+    info.action_names = _dimension_names(statistics.get("action", {}), order["action"])
+    return info
+
+
+def _dimension_names(per_key: dict[str, dict], order: list[str]) -> tuple[str, ...] | None:
+    """Each action dimension by its modality key ("arm[0]", ..., "gripper"), in the model's order."""
+    sizes = [len(np.asarray(per_key[k].get("min", []), dtype=np.float32).reshape(-1)) for k in order]
+    names = tuple(k if n == 1 else f"{k}[{i}]" for k, n in zip(order, sizes, strict=True) for i in range(n))
+    return names or None
 
 
 def _metadata(cfg: GR00TConfig, norm_stats: dict[str, NormStats], tag: str) -> dict:

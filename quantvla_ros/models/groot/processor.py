@@ -1,14 +1,21 @@
-"""GR00T N1.5 inputs: Isaac-GR00T's eval video transforms and the Eagle 2.5 chat prompt.
+"""GR00T N1.5 inputs: Isaac-GR00T's eval video transforms and the Eagle 2.5 chat prompt, each as
+the checkpoint's layout was trained with.
 
 Images (Isaac-GR00T `data/transform/video.py`, the N1.5 data configs, the Eagle processor):
 VideoCrop(scale 0.95) as a centre crop, VideoResize to 224 (bilinear, antialiased), then
 mean = std = 0.5, i.e. [0, 255] -> [-1, 1]. Every camera is an input; GR00T has no image mask.
+NVIDIA's pipeline crops and resizes pixels as floats in [0, 1] and truncates them back to uint8
+(VideoToNumpy's `(x * 255).to(uint8)`), so an NVIDIA-layout checkpoint gets exactly that. A
+LeRobot-layout one gets the same crop and resize done on the 8-bit image, which rounds; LeRobot
+v0.5.1's own pipeline instead hands the uncropped image to its Eagle processor, which resizes it
+bicubic to a size set in a processor config this package has not verified.
 
-Prompt (Isaac-GR00T `model/transforms.py` GR00TTransform, LeRobot v0.5.1 `processor_groot.py`):
-one user turn holding every image and then the text `str([instruction])`, rendered with the
-checkpoint's chat template (add_generation_prompt); the Eagle processor then replaces each
-`<image-k>` with `<image k><img>` + `<IMG_CONTEXT>` × 256 + `</img>`. The Qwen tokenizer pads
-on the left.
+Prompt: one user turn holding every image and then the text, rendered with the checkpoint's chat
+template (add_generation_prompt); the Eagle processor then replaces each `<image-k>` with
+`<image k><img>` + `<IMG_CONTEXT>` × 256 + `</img>`. The Qwen tokenizer pads on the left. The
+text is the instruction itself for the NVIDIA layout (Isaac-GR00T's GR00TTransform and
+Gr00tPolicy) and `str([instruction])` (`"['pick the cup']"`) for the LeRobot layout (LeRobot's
+GrootEagleEncodeStep), one or two tokens apart.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import tokenizers
+import torch
+import torch.nn.functional as F
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo, read_json
 from quantvla_ros.models.common.images import image_to_model
 from quantvla_ros.models.common.tokenizer import special_token_content
@@ -181,17 +191,24 @@ class EagleTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def eagle_prompt(tokenizer: EagleTokenizer, instruction: str, cameras: int, tokens_per_image: int) -> str:
-    content = [{"type": "image"} for _ in range(cameras)] + [{"type": "text", "text": str([instruction])}]
+def prompt_text(instruction: str, layout: str) -> str:
+    """The instruction as the layout's training pipeline wrote it into the prompt."""
+    return instruction if layout == "nvidia" else str([instruction])
+
+
+def eagle_prompt(tokenizer: EagleTokenizer, text: str, cameras: int, tokens_per_image: int) -> str:
+    content = [{"type": "image"} for _ in range(cameras)] + [{"type": "text", "text": text}]
     text = tokenizer.render([{"role": "user", "content": content}])
     image = IMAGE_START + IMAGE_CONTEXT * tokens_per_image + IMAGE_END
     return _MEDIA_PLACEHOLDER.sub(lambda m: f"<image {m.group(1)}>{image}", text)
 
 
-def crop_and_resize(image: np.ndarray, size: int, scale: float = CROP_SCALE) -> np.ndarray:
-    """torchvision's CenterCrop to (⌊H·scale⌋, ⌊W·scale⌋), then an antialiased bilinear resize to size×size."""
+def crop_and_resize(image: np.ndarray, size: int, truncate: bool = False, scale: float = CROP_SCALE) -> np.ndarray:
+    """torchvision's CenterCrop to (⌊H·scale⌋, ⌊W·scale⌋), then an antialiased bilinear resize to
+    size×size: in float and truncated to uint8 as Isaac-GR00T does (`truncate`), or on the 8-bit
+    image, rounded."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
+        raise QuantVLAError(
             f"GR00T needs uint8 H×W×3 RGB images, got shape {image.shape} and dtype {image.dtype}; "
             "convert the image to 8-bit RGB first."
         )
@@ -199,27 +216,39 @@ def crop_and_resize(image: np.ndarray, size: int, scale: float = CROP_SCALE) -> 
     ch, cw = int(h * scale), int(w * scale)
     top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     crop = np.ascontiguousarray(image[top : top + ch, left : left + cw])
-    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
+    if not truncate:
+        return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
+    # VideoToTensor, VideoResize (torchvision's resize_image: F.interpolate antialiased, nothing when the
+    # size already fits), VideoToNumpy.
+    pixels = torch.from_numpy(crop).permute(2, 0, 1)[None].to(torch.float32) / 255.0
+    if (ch, cw) != (size, size):
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (pixels[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
 
 
 class GR00TProcessor:
-    def __init__(self, cfg: GR00TConfig, tokenizer: EagleTokenizer) -> None:
+    def __init__(self, cfg: GR00TConfig, tokenizer: EagleTokenizer, layout: str) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.layout = layout  # "nvidia" | "lerobot": whose training pipeline the inputs follow
 
     @classmethod
     def from_checkpoint(cls, info: CheckpointInfo) -> GR00TProcessor:
-        return cls(info.config, EagleTokenizer.from_dir(info.path))
+        return cls(info.config, EagleTokenizer.from_dir(info.path), info.layout)
 
     def images(self, images: dict[str, np.ndarray]) -> tuple[np.ndarray, list[bool]]:
         missing = [name for name in self.cfg.camera_names if name not in images]
         if missing:
-            raise ValueError(
+            raise QuantVLAError(
                 f"GR00T needs every camera it was trained with; the observation lacks {missing} "
                 f"(it takes {list(self.cfg.camera_names)})."
             )
         size = self.cfg.image_size
-        out = [image_to_model(crop_and_resize(images[name], size)).transpose(2, 0, 1) for name in self.cfg.camera_names]
+        truncate = self.layout == "nvidia"
+        out = [
+            image_to_model(crop_and_resize(images[name], size, truncate)).transpose(2, 0, 1)
+            for name in self.cfg.camera_names
+        ]
         return np.stack(out), [True] * len(out)
 
     def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,11 +260,10 @@ class GR00TProcessor:
     def _tokens(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         # Rendering the chat template and tokenizing takes milliseconds; the node asks every inference.
         cfg = self.cfg
-        ids = self.tokenizer.encode(
-            eagle_prompt(self.tokenizer, instruction, len(cfg.camera_names), cfg.tokens_per_image)
-        )
+        text = prompt_text(instruction, self.layout)
+        ids = self.tokenizer.encode(eagle_prompt(self.tokenizer, text, len(cfg.camera_names), cfg.tokens_per_image))
         if len(ids) > cfg.max_token_len:
-            raise ValueError(
+            raise QuantVLAError(
                 f"The prompt for instruction {instruction!r} takes {len(ids)} tokens but this policy's "
                 f"max_token_len is {cfg.max_token_len}; shorten the instruction or raise max_token_len in config.json."
             )
@@ -246,10 +274,11 @@ class GR00TProcessor:
     def signature(self) -> dict:
         return {
             "image_size": self.cfg.image_size,
-            "image_transform": f"center crop {CROP_SCALE}, bilinear resize, [-1, 1]",
+            "image_transform": f"center crop {CROP_SCALE}, bilinear resize, "
+            f"{'truncated' if self.layout == 'nvidia' else 'rounded'} to uint8, [-1, 1]",
             "cameras": list(self.cfg.camera_names),
             "tokens_per_image": self.cfg.tokens_per_image,
             "max_token_len": self.cfg.max_token_len,
-            "prompt": "eagle2.5 chat template, str([instruction]), left padded",
+            "prompt": f"eagle2.5 chat template, {prompt_text('instruction', self.layout)}, left padded",
             "tokenizer_sha256": self.tokenizer.sha256,
         }

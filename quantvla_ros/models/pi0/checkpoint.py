@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import (
     CONFIG_FILE,
     LEGACY_LEROBOT_NORMALIZER,
@@ -321,24 +322,24 @@ def load_openpi_norm_stats(path: Path) -> dict[str, NormStats]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"Norm stats file {path} does not exist; check the checkpoint folder.") from None
+        raise QuantVLAError(f"Norm stats file {path} does not exist; check the checkpoint folder.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Norm stats file {path} is not valid JSON ({e}); re-export it.") from None
+        raise QuantVLAError(f"Norm stats file {path} is not valid JSON ({e}); re-export it.") from None
     entries = data.get("norm_stats") if isinstance(data, dict) else None
     if not isinstance(entries, dict):
-        raise ValueError(
+        raise QuantVLAError(
             f'Norm stats file {path} has no "norm_stats" object; expected openpi\'s norm_stats.json layout.'
         )
     stats = {}
     for key, entry in entries.items():
         if not isinstance(entry, dict) or not any(entry.get(name) is not None for name in STAT_NAMES):
-            raise ValueError(
+            raise QuantVLAError(
                 f'Entry "{key}" in norm stats file {path} has none of {", ".join(STAT_NAMES)}; re-export it.'
             )
         try:
             stats[key] = NormStats(**{name: entry.get(name) for name in STAT_NAMES})
         except (TypeError, ValueError):
-            raise ValueError(
+            raise QuantVLAError(
                 f'Entry "{key}" in norm stats file {path} holds non-numeric values; re-export it.'
             ) from None
     return stats

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.gemma import GemmaConfig
 from quantvla_ros.models.common.siglip import SiglipConfig
 
@@ -51,7 +52,7 @@ class PI0Config:
 
     def __post_init__(self) -> None:
         if self.llm.depth != self.expert.depth:
-            raise ValueError(
+            raise QuantVLAError(
                 f"The LLM has {self.llm.depth} layers and the action expert {self.expert.depth}; "
                 "joint attention needs the same depth in both."
             )
@@ -60,7 +61,7 @@ class PI0Config:
             self.expert.num_kv_heads,
             self.expert.head_dim,
         ):
-            raise ValueError("The LLM and the action expert must share head count, KV head count and head_dim.")
+            raise QuantVLAError("The LLM and the action expert must share head count, KV head count and head_dim.")
 
     @property
     def image_size(self) -> int:
@@ -83,7 +84,9 @@ def resolve_gemma(variant: str | dict) -> GemmaConfig:
     if isinstance(variant, dict):
         return GemmaConfig(**variant)
     if variant not in GEMMA_VARIANTS:
-        raise ValueError(f"Unknown Gemma variant {variant!r}; use one of {sorted(GEMMA_VARIANTS)} or a dict of sizes.")
+        raise QuantVLAError(
+            f"Unknown Gemma variant {variant!r}; use one of {sorted(GEMMA_VARIANTS)} or a dict of sizes."
+        )
     return GEMMA_VARIANTS[variant]
 
 
@@ -91,7 +94,7 @@ def resolve_siglip(variant: str | dict) -> SiglipConfig:
     if isinstance(variant, dict):
         return SiglipConfig(**variant)
     if variant not in SIGLIP_VARIANTS:
-        raise ValueError(
+        raise QuantVLAError(
             f"Unknown SigLIP variant {variant!r}; use one of {sorted(SIGLIP_VARIANTS)} or a dict of sizes."
         )
     return SIGLIP_VARIANTS[variant]

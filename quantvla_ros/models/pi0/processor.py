@@ -12,6 +12,7 @@ import logging
 import numpy as np
 from PIL import Image
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointInfo
 from quantvla_ros.models.common.images import image_to_model, stack_cameras
 from quantvla_ros.models.common.tokenizer import PromptTokenizer, tokenizer_file
@@ -60,7 +61,7 @@ def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
     `jax.image.resize` openpi uses, so it is closer to openpi than an un-antialiased interpolate.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
+        raise QuantVLAError(
             f"resize_with_pad needs a uint8 H×W×3 RGB image, got shape {image.shape} and dtype {image.dtype}; "
             "convert the image to 8-bit RGB first."
         )

@@ -4,7 +4,7 @@
                                  num_steps, num_vlm_layers, expert_width_multiplier,
                                  self_attn_every_n_layers, attention_mode, resize_imgs_with_padding,
                                  tokenizer_max_length, vlm_model_name, input/output_features,
-                                 normalization_mapping, ...
+                                 normalization_mapping, adapt_to_pi_aloha (aloha.py), ...
     model.safetensors            keys `model.` + this model's module names
     policy_preprocessor.json     names its normalizer safetensors (the step index varies)
     policy_postprocessor.json    names the unnormalizer safetensors
@@ -32,6 +32,7 @@ from quantvla_ros.models.common.checkpoint import (
     LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
     CheckpointInfo,
+    RobotAdapter,
     copy_files,
     lerobot_norm_stats,
     stats_dim,
@@ -42,6 +43,8 @@ from quantvla_ros.models.common.checkpoint import (
 )
 from quantvla_ros.models.common.normalizer import NormStats
 from quantvla_ros.models.family import ModelFamily
+from quantvla_ros.models.smolvla.aloha import DIMS as ALOHA_DIMS
+from quantvla_ros.models.smolvla.aloha import aloha_adapter
 from quantvla_ros.models.smolvla.config import SmolVLAConfig, resolve_vlm, vlm_name
 from quantvla_ros.models.smolvla.model import SmolVLAModel
 from quantvla_ros.models.smolvla.processor import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SmolVLAProcessor
@@ -150,6 +153,8 @@ def read_checkpoint(path: Path, raw: dict, asset_id: str | None = None) -> Check
             f"{path / CONFIG_FILE} has an unusable field ({e}); compare it with a fresh export."
         ) from None
     stats = lerobot_norm_stats(path)
+    state_dim = int(state_shape[0]) if state_shape else None
+    action_dim = int(action_shape[0]) if action_shape else None
     return CheckpointInfo(
         path=path,
         layout="lerobot",
@@ -157,10 +162,31 @@ def read_checkpoint(path: Path, raw: dict, asset_id: str | None = None) -> Check
         norm_stats=stats,
         state_norm=state_norm,
         action_norm=action_norm,
-        state_dim=int(state_shape[0]) if state_shape else None,
-        action_dim=int(action_shape[0]) if action_shape else None,
+        state_dim=state_dim,
+        action_dim=action_dim,
         norm_eps=1e-8,
+        adapter=_adapter(path, raw, state_dim, action_dim),
     )
+
+
+def _adapter(path: Path, raw: dict, state_dim: int | None, action_dim: int | None) -> RobotAdapter | None:
+    """LeRobot's Aloha conversion when config.json asks for it, at the place the checkpoint's LeRobot
+    version applied it (see aloha.py); its unported relative-joint mode is refused, never ignored."""
+    file = path / CONFIG_FILE
+    if raw.get("use_delta_joint_actions_aloha", False):
+        raise CheckpointError(
+            f"{file} sets use_delta_joint_actions_aloha, which LeRobot itself never implemented; "
+            "use a checkpoint trained without it."
+        )
+    if not raw.get("adapt_to_pi_aloha", False):
+        return None
+    if state_dim != ALOHA_DIMS or action_dim != ALOHA_DIMS:
+        raise CheckpointError(
+            f"{file} sets adapt_to_pi_aloha, which converts a {ALOHA_DIMS}-value Aloha state and action, but its "
+            f"state has {state_dim} and its action {action_dim} values; fix input_features and output_features."
+        )
+    # A processor pipeline (LeRobot 0.4 on) normalizes before the policy converts.
+    return aloha_adapter(normalized=(path / PREPROCESSOR).is_file())
 
 
 # ---- weights -------------------------------------------------------------------------------

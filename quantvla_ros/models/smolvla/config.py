@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.siglip import SiglipConfig
 
 SMOLVLM2_500M = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
@@ -91,7 +92,7 @@ class SmolVLAConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.num_vlm_layers <= self.vlm.text.depth:
-            raise ValueError(
+            raise QuantVLAError(
                 f"num_vlm_layers={self.num_vlm_layers} must be between 1 and the text model's "
                 f"{self.vlm.text.depth} layers."
             )
@@ -129,7 +130,7 @@ def resolve_vlm(name: str | None, spelled_out: dict | None) -> SmolVLMConfig:
         )
     name = name or SMOLVLM2_500M
     if name not in VLM_VARIANTS:
-        raise ValueError(
+        raise QuantVLAError(
             f"vlm_model_name {name!r} is not a backbone this package knows ({', '.join(VLM_VARIANTS)}); "
             "spell out its sizes as a vlm_config dict"
         )

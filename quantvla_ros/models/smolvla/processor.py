@@ -24,6 +24,7 @@ import tokenizers
 import torch
 import torch.nn.functional as F
 
+from quantvla_ros.errors import QuantVLAError
 from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo, read_json
 from quantvla_ros.models.common.images import stack_cameras
 from quantvla_ros.models.common.tokenizer import special_token_content
@@ -36,7 +37,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 def resize_with_pad_top_left(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 H×W×3 -> float32 3×size×size in [0, 1], padded with black on the top and left."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(
+        raise QuantVLAError(
             f"SmolVLA needs uint8 H×W×3 RGB images, got shape {image.shape} and dtype {image.dtype}; "
             "convert the image to 8-bit RGB first."
         )
