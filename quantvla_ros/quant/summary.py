@@ -13,9 +13,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from quantvla_ros.quant.fused import member_names
+
 
 def group_of(groups: dict[str, str], name: str) -> str:
-    """The Linear group (LINEAR_GROUPS) a module belongs to; `other` for one a custom pattern added."""
+    """The Linear group (LINEAR_GROUPS) a module belongs to; `other` for one a custom pattern added.
+
+    A fused layer ("...q_proj+k_proj+v_proj") belongs to its members' group."""
+    if "+" in name:
+        name = member_names(name)[0]
     return next((g for g, pattern in groups.items() if re.fullmatch(pattern, name)), "other")
 
 

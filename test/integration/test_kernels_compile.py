@@ -7,6 +7,7 @@ shapes is (aligned pointers, N, K and strides), which is what switches on the pi
 The kernels must be decorated without TRITON_INTERPRET, hence a child process.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -17,10 +18,11 @@ pytestmark = pytest.mark.integration
 
 _SCRIPT = r"""
 import itertools
+import json
 import math
 
 from quantvla_kernels import triton_gemm, triton_quant, triton_transform
-from quantvla_kernels.offline_compile import compile_variant, gemm_types
+from quantvla_kernels.offline_compile import compile_variant, gemm_types, main_loop_ops
 
 
 def check(kernel, types, constants, arch, **options):
@@ -66,6 +68,15 @@ for arch in (90, 87):
         check(triton_transform._transform_quantize_kernel, types, constants, arch,
               num_warps=4, enable_fp_fusion=False)
         count += 1
+# The prefix tile's K loop on Hopper, as bench/kernel_ir.py reads it.
+loops = {}
+for w4 in (False, True):
+    constants = dict(W4=w4, GROUP=0, HAS_BIAS=True, RAW=False, SPLIT_K=1, ZERO=False, EVEN_K=True,
+                     BM=128, BN=128, BK=128, GROUP_M=8)
+    ttgir = compile_variant(triton_gemm._gemm_kernel, gemm_types(w4, False, False), constants, 90,
+                            num_warps=8, num_stages=4, enable_fp_fusion=False).asm["ttgir"]
+    loops["W4" if w4 else "W8"] = dict(main_loop_ops(ttgir))
+print(json.dumps(loops))
 print(count)
 """
 
@@ -75,4 +86,11 @@ def test_every_kernel_variant_compiles_for_hopper_and_orin():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert int(result.stdout.split()[-1]) == 80 + 40 + 2 * (6 + 3)
+    loops, count = result.stdout.strip().splitlines()[-2:]
+    assert int(count) == 80 + 40 + 2 * (6 + 3)
+    loops = json.loads(loops)
+    for w in ("W8", "W4"):
+        # One Hopper wgmma per K block, fed by two pipelined global->shared loads (A and W).
+        assert loops[w]["ttng.warp_group_dot"] == 1 and loops[w]["ttg.async_copy_global_to_local"] == 2, loops
+    # int8 weights go from shared memory straight into the wgmma; no register round trip.
+    assert loops["W8"].get("ttg.local_alloc", 0) == 0 and loops["W8"].get("ttg.local_load", 0) == 0, loops

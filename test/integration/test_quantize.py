@@ -371,7 +371,12 @@ def test_layout_and_info_of_an_artifact_report_its_own_quantization(float_path, 
     total = json.loads(capsys.readouterr().out)["linear_layers"]
     assert main(["layout", str(out)]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert f"quantvla, layout llm_only: {len(qc['modules'])} of {total} Linear layers quantized to W8A8" in last
+    linears = sum(len(spec["split_sizes"] or [None]) for spec in qc["modules"].values())
+    assert linears > len(qc["modules"])  # q/k/v and gate/up were fused
+    assert (
+        f"quantvla, layout llm_only: {linears} of {total} Linear layers quantized, as {len(qc['modules'])} layers "
+        "(q/k/v and gate/up fused), to W8A8" in last
+    )
     assert main(["layout", str(out), "--w-bits", "4"]) == 2
     assert "is an artifact, whose quantization is fixed; drop --w-bits" in capsys.readouterr().err
     assert main(["info", str(out)]) == 0

@@ -241,6 +241,11 @@ def test_prompt_ends_with_a_newline_and_is_right_padded(processor, checkpoint):
     assert tokenizer.token_to_id("<|im_start|>") not in expected  # SmolVLM2's tokenizer adds no BOS
     again, _ = processor.prompt("pick up the red cup\n", np.zeros(STATE_DIM, dtype=np.float32))
     assert (again == tokens).all()
+    # The tokens depend on the instruction alone: the next inference with it does not tokenize.
+    hits = type(processor)._tokens.cache_info().hits
+    tokens[:] = -1  # and what a caller does with its copy does not reach the cache
+    same, _ = processor.prompt("pick up the red cup", np.ones(STATE_DIM, dtype=np.float32))
+    assert type(processor)._tokens.cache_info().hits == hits + 1 and (same == again).all()
 
 
 def test_long_prompt_keeps_its_end(processor, checkpoint):

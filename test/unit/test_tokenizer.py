@@ -162,3 +162,37 @@ def test_train_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="no texts"):
         train_tokenizer(tmp_path, [], vocab_size=300)
     assert not list(tmp_path.iterdir())
+
+
+class CountingTokenizer:
+    """A PromptTokenizer that records every text it encodes."""
+
+    def __init__(self, inner: PromptTokenizer) -> None:
+        self.inner, self.texts = inner, []
+
+    def encode(self, text: str, add_bos: bool) -> list[int]:
+        self.texts.append(text)
+        return self.inner.encode(text, add_bos)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_the_instruction_is_tokenized_once_unless_the_prompt_carries_the_state(sp_dir, pi05):
+    inner = PromptTokenizer.from_dir(sp_dir)
+    counting = CountingTokenizer(inner)
+    processor = pi0_processor.PI0Processor(pi0_processor.PI0Config(pi05=pi05, max_token_len=64), counting, "")
+    states = [np.full(4, -0.5, dtype=np.float32), np.full(4, 0.5, dtype=np.float32)]
+    first, _ = processor.prompt("open the top drawer", states[0])
+    first[:] = -1  # callers own what they get: the cached tokens must not change with it
+    again, again_mask = processor.prompt("open the top drawer", states[1])
+    discrete = pi0_processor.discretize_state(states[1]) if pi05 else None
+    expected, expected_mask = tokenize_prompt(inner, "open the top drawer", 64, discrete)
+    np.testing.assert_array_equal(again, expected)
+    np.testing.assert_array_equal(again_mask, expected_mask)
+    # π0: the prompt's two pieces, once; π0.5: its one text per call, as the state changed.
+    if pi05:
+        assert len(counting.texts) == 2 and counting.texts[0] != counting.texts[1], counting.texts
+    else:
+        assert counting.texts == ["open the top drawer", "\n"]

@@ -6,6 +6,7 @@ PaliGemma state discretization.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 
@@ -41,8 +42,17 @@ class PI0Processor:
         return stack_cameras(self.cfg.camera_names, images, size, to_model)
 
     def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        discrete = discretize_state(state_norm) if self.cfg.uses_discrete_state else None
-        return tokenize_prompt(self.tokenizer, instruction, self.cfg.max_token_len, discrete)
+        if not self.cfg.uses_discrete_state:
+            tokens, mask = self._instruction_tokens(instruction)
+            return tokens.copy(), mask.copy()
+        # π0.5's prompt carries the state, which changes every inference; SentencePiece may merge
+        # pieces across the instruction/state boundary, so the instruction's tokens cannot be
+        # cached apart without departing from openpi's ids (the node bounds the instruction's length).
+        return tokenize_prompt(self.tokenizer, instruction, self.cfg.max_token_len, discretize_state(state_norm))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one processor per loaded policy; the instruction rarely changes
+    def _instruction_tokens(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+        return tokenize_prompt(self.tokenizer, instruction, self.cfg.max_token_len, None)
 
     def signature(self) -> dict:
         return {

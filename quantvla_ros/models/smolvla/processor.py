@@ -15,6 +15,7 @@ slots are masked out, so the extra padding changes nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,13 @@ class SmolVLAProcessor:
         )
 
     def prompt(self, instruction: str, state_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # The state reaches SmolVLA through its own prefix token, never through the text.
+        # The state reaches SmolVLA through its own prefix token, never through the text, so the
+        # tokens depend on the instruction alone and are computed once per instruction.
+        tokens, mask = self._tokens(instruction)
+        return tokens.copy(), mask.copy()
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one processor per loaded policy; the instruction rarely changes
+    def _tokens(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
         return self.tokenizer.tokenize(instruction, self.cfg.max_token_len)
 
     def signature(self) -> dict:
