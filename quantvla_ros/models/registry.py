@@ -59,6 +59,11 @@ def family_for(path: Path | str) -> tuple[ModelFamily, dict]:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass the checkpoint directory holding {CONFIG_FILE}.")
     raw = read_json(path / CONFIG_FILE)
+    if raw.get("use_peft", False):
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} sets use_peft: the folder holds a LeRobot PEFT adapter, not a whole policy; "
+            "merge the adapter into its base policy (peft's merge_and_unload) and save that policy."
+        )
     for family in FAMILIES:
         if family.claims(raw, path):
             return family, raw

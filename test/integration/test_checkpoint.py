@@ -6,16 +6,20 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from quantvla_ros.models.common.checkpoint import CheckpointError
+from quantvla_ros.models.common.normalizer import NormStats
+from quantvla_ros.models.init_checkpoint import init_checkpoint
 from quantvla_ros.models.pi0.checkpoint import EMBED_TOKENS, LM_HEAD, save_pi0
 from quantvla_ros.models.pi0.config import tiny
+from quantvla_ros.models.policy import load_float_policy
 from quantvla_ros.models.registry import load_model, read_checkpoint
 
-from conftest import ACTION_DIM, STATE_DIM, make_checkpoint
+from conftest import ACTION_DIM, INSTRUCTIONS, STATE_DIM, make_checkpoint, observation, to_legacy_lerobot
 
 pytestmark = pytest.mark.integration
 
@@ -196,3 +200,99 @@ def test_truncated_weights_are_reported_as_such(checkpoints, tmp_path):
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors is (not a readable safetensors file|truncated)"):
         load_pi0(path)
+
+
+def edit_config(path: Path, drop: tuple[str, ...] = (), **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    for key in drop:
+        del cfg[key]
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("layout", "changes", "drop", "attribute", "expected"),
+    [
+        ("lerobot", {"chunk_size": 7}, (), "action_horizon", 7),
+        ("lerobot", {"num_inference_steps": 4}, (), "num_steps", 4),
+        ("lerobot", {"num_steps": 4}, ("num_inference_steps",), "num_steps", 4),  # LeRobot before 0.4
+        ("lerobot", {"tokenizer_max_length": 20}, (), "max_token_len", 20),
+        ("lerobot", {"empty_cameras": 1}, (), "camera_names", ("base_0_rgb", "left_wrist_0_rgb", "empty_camera_0")),
+        ("lerobot", {"min_period": 0.01}, (), "min_period", 0.01),
+        ("lerobot", {"max_period": 2.0}, (), "max_period", 2.0),
+        ("openpi", {"action_horizon": 7}, (), "action_horizon", 7),
+        ("openpi", {"num_steps": 4}, (), "num_steps", 4),
+        ("openpi", {"max_token_len": 20}, (), "max_token_len", 20),
+    ],
+)
+def test_config_fields_that_shape_inputs_and_outputs_are_read(
+    checkpoints, tmp_path, layout, changes, drop, attribute, expected
+):
+    path = copy(checkpoints[(False, layout)], tmp_path)
+    assert getattr(read_checkpoint(path).config, attribute) != expected
+    edit_config(path, drop, **changes)
+    assert getattr(read_checkpoint(path).config, attribute) == expected
+
+
+def test_lerobot_time_embedding_periods_change_the_actions(checkpoints, tmp_path):
+    path = copy(checkpoints[(False, "lerobot")], tmp_path)
+    noise = np.random.default_rng(3).standard_normal((5, 8)).astype(np.float32)
+    before = load_float_policy(path).predict(observation(), noise).actions
+    edit_config(path, min_period=0.05, max_period=2.0)
+    after = load_float_policy(path).predict(observation(), noise).actions
+    assert not np.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("pi05", "changes", "words"),
+    [
+        (True, {"use_relative_actions": True}, "use_relative_actions=true (supported: false)"),
+        (True, {"use_visual_memory": True}, "use_visual_memory=true (supported: false)"),
+        (True, {"use_proprioceptive_memory": True}, "use_proprioceptive_memory=true (supported: false)"),
+        (True, {"image_resolution": [224, 224]}, "image_resolution=[224, 224] (supported: [28, 28])"),
+        (False, {"resize_imgs_with_padding": [56, 56]}, "resize_imgs_with_padding=[56, 56] (supported: [28, 28])"),
+        (
+            False,
+            {"normalization_mapping": {"VISUAL": "MEAN_STD", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}},
+            'normalization_mapping.VISUAL="MEAN_STD" (supported: "IDENTITY")',
+        ),
+        (False, {"max_state_dim": 16}, "max_state_dim=16 (supported: 8)"),
+        (False, {"use_delta_joint_actions_aloha": True}, "use_delta_joint_actions_aloha, which LeRobot itself"),
+        (False, {"adapt_to_pi_aloha": True}, "adapt_to_pi_aloha, which converts a 14-value Aloha state"),
+    ],
+)
+def test_lerobot_settings_this_package_cannot_honour_are_refused(checkpoints, tmp_path, pi05, changes, words):
+    path = copy(checkpoints[(pi05, "lerobot")], tmp_path)
+    edit_config(path, **changes)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(str(path / "config.json"))
+
+
+def test_pi05_state_width_is_not_projected_so_max_state_dim_is_free(checkpoints, tmp_path):
+    path = copy(checkpoints[(True, "lerobot")], tmp_path)
+    edit_config(path, max_state_dim=16)
+    assert read_checkpoint(path).config.action_dim == 8
+
+
+@pytest.mark.parametrize("release", ["current", "legacy"])
+def test_lerobot_pi0_aloha_checkpoints_convert_where_their_release_did(tmp_path, release):
+    rng = np.random.default_rng(5)
+    stats = {k: NormStats(mean=rng.uniform(-0.2, 0.2, 14), std=rng.uniform(0.2, 0.5, 14)) for k in ("state", "actions")}
+    path = init_checkpoint(tmp_path / "aloha", tiny(False).with_changes(action_dim=16), INSTRUCTIONS, "lerobot", stats)
+    if release == "legacy":
+        path = to_legacy_lerobot(path, tmp_path / "legacy")
+    assert read_checkpoint(path).adapter is None
+    edit_config(path, adapt_to_pi_aloha=True)
+    adapter = read_checkpoint(path).adapter
+    # The conversion itself is the one SmolVLA's tests check against LeRobot's code.
+    assert adapter.name == "adapt_to_pi_aloha" and adapter.normalized == (release == "current")
+
+
+def test_a_peft_adapter_folder_is_refused_before_its_weights_are_read(checkpoints, tmp_path):
+    path = copy(checkpoints[(True, "lerobot")], tmp_path)
+    (path / "model.safetensors").rename(path / "adapter_model.safetensors")
+    edit_config(path, use_peft=True)
+    with pytest.raises(CheckpointError, match=r"config\.json sets use_peft: the folder holds a LeRobot PEFT adapter"):
+        read_checkpoint(path)

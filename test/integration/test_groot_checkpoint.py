@@ -175,14 +175,45 @@ def test_missing_tokenizer_files_are_clear_errors(checkpoints, tmp_path, name):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("stack", ["diffusion_model_cfg", "vl_self_attention_cfg"])
-def test_a_transformer_with_positional_embeddings_is_another_model(checkpoints, tmp_path, stack):
+@pytest.mark.parametrize(
+    ("section", "key", "value", "words"),
+    [
+        ("diffusion_model_cfg", "positional_embeddings", "sinusoidal", 'positional_embeddings="sinusoidal"'),
+        ("vl_self_attention_cfg", "positional_embeddings", "sinusoidal", 'positional_embeddings="sinusoidal"'),
+        ("diffusion_model_cfg", "interleave_self_attention", False, "interleave_self_attention=false"),
+        ("diffusion_model_cfg", "interleave_self_attention", None, "interleave_self_attention=false"),  # absent
+        ("diffusion_model_cfg", "norm_type", "layer_norm", 'norm_type="layer_norm"'),
+        ("diffusion_model_cfg", "activation_fn", "geglu", 'activation_fn="geglu"'),
+        ("vl_self_attention_cfg", "norm_eps", 1e-6, "norm_eps=1e-06"),
+        ("backbone_cfg", "reproject_vision", True, "reproject_vision=true"),
+        ("backbone_cfg", "project_to_dim", 1536, "project_to_dim=1536"),
+        ("action_head_cfg", "use_vlln", False, "use_vlln=false"),
+    ],
+)
+def test_an_architecture_setting_n15_does_not_use_is_refused(checkpoints, tmp_path, section, key, value, words):
     path = copy(checkpoints["nvidia"], tmp_path)
     config = json.loads((path / "config.json").read_text())
-    config["action_head_cfg"][stack]["positional_embeddings"] = "sinusoidal"
+    head = config["action_head_cfg"]
+    target = config[section] if section in config else head[section]
+    if value is None:
+        del target[key]
+    else:
+        target[key] = value
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=f"sets {stack}.positional_embeddings differently from GR00T N1.5"):
+    with pytest.raises(CheckpointError, match="GR00T N1.5 sets them so, and other values make another model") as err:
         read_checkpoint(path)
+    assert f"{section}.{words} (supported: " in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("key", "value", "attribute"), [("num_inference_timesteps", 3, "num_steps")])
+def test_action_head_settings_are_read(checkpoints, tmp_path, key, value, attribute):
+    path = copy(checkpoints["nvidia"], tmp_path)
+    assert getattr(read_checkpoint(path).config, attribute) != value
+    config = json.loads((path / "config.json").read_text())
+    config["action_head_cfg"][key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    assert getattr(read_checkpoint(path).config, attribute) == value
 
 
 def test_a_text_only_chat_template_is_refused_at_load(checkpoints, tmp_path):

@@ -348,3 +348,34 @@ def test_aloha_settings_that_cannot_be_honoured_are_refused(checkpoint, aloha_ch
     edit_config(delta, use_delta_joint_actions_aloha=True)
     with pytest.raises(CheckpointError, match="use_delta_joint_actions_aloha, which LeRobot itself never implemented"):
         read_checkpoint(delta)
+
+
+@pytest.mark.parametrize(
+    ("changes", "attribute", "expected"),
+    [
+        ({"chunk_size": 7}, "action_horizon", 7),
+        ({"num_steps": 4}, "num_steps", 4),
+        ({"tokenizer_max_length": 20}, "max_token_len", 20),
+        ({"empty_cameras": 1}, "camera_names", ("camera1", "camera2", "empty_camera_0")),
+        ({"attention_mode": "self_attn"}, "cross_attention", False),
+        ({"self_attn_every_n_layers": 3}, "self_attn_every_n_layers", 3),
+        ({"min_period": 0.01}, "min_period", 0.01),
+        ({"max_period": 2.0}, "max_period", 2.0),
+    ],
+)
+def test_config_fields_that_shape_inputs_and_outputs_are_read(checkpoint, tmp_path, changes, attribute, expected):
+    path = copy(checkpoint, tmp_path)
+    assert getattr(read_checkpoint(path).config, attribute) != expected
+    edit_config(path, **changes)
+    assert getattr(read_checkpoint(path).config, attribute) == expected
+
+
+def test_normalized_images_are_refused(checkpoint, tmp_path):
+    path = copy(checkpoint, tmp_path)
+    edit_config(path, normalization_mapping={"VISUAL": "MEAN_STD", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"})
+    with pytest.raises(
+        CheckpointError,
+        match=r'config\.json sets normalization_mapping\.VISUAL="MEAN_STD" \(supported: "IDENTITY"\); '
+        r"this package feeds SmolVLA unnormalized images\.$",
+    ):
+        read_checkpoint(path)

@@ -84,6 +84,26 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def refuse_settings(file: Path, settings: list[tuple[str, Any, Any]], advice: str) -> None:
+    """Refuse in one sentence every config field, given as (name, value read, the value this package
+    runs), whose value it cannot honour: a field that changes the inputs or outputs is read or
+    refused where each family parses its config, never left unread."""
+    wrong = [
+        f"{name}={json.dumps(value)} (supported: {json.dumps(run)})" for name, value, run in settings if value != run
+    ]
+    if wrong:
+        raise CheckpointError(f"{file} sets {', '.join(wrong)}; {advice}")
+
+
+def lerobot_visual_normalization(raw: dict) -> tuple[str, Any, Any]:
+    """LeRobot normalizes images only when normalization_mapping asks for it; no reader here does."""
+    return (
+        "normalization_mapping.VISUAL",
+        (raw.get("normalization_mapping") or {}).get("VISUAL", "IDENTITY"),
+        "IDENTITY",
+    )
+
+
 def processor_state_file(path: Path, pipeline_json: str, registry_name: str) -> Path | None:
     """The state file a LeRobot processor pipeline JSON names for one step (e.g. its normalizer);
     the step index varies between policies, so the JSON is the only reliable source."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo, stats_dim
+from quantvla_ros.models.common.checkpoint import CheckpointError, CheckpointInfo, refuse_settings, stats_dim
 from quantvla_ros.models.common.normalizer import NormStats
 from quantvla_ros.models.common.qwen3 import Qwen3Config
 from quantvla_ros.models.common.siglip import SiglipConfig
@@ -77,25 +77,40 @@ def export_state_dict(model: GR00TN15Model, layout: str) -> dict[str, torch.Tens
 def model_config(
     raw: dict, shapes: dict[str, tuple[int, ...]], cameras: tuple[str, ...], tag: str, image_token_id: int, source: Path
 ) -> GR00TConfig:
+    """The architecture from NVIDIA's backbone_cfg / action_head_cfg (a LeRobot config.json has none: its
+    weights are N1.5's, the defaults here). What changes the computation is read or refused, with
+    Isaac-GR00T's defaults for absent keys. Left unread on purpose:
+    - checked by the weights' keys and shapes: backbone_embedding_dim, diffusion_model_cfg's
+      cross_attention_dim, attention_bias and norm_elementwise_affine, backbone_cfg.eagle_path;
+    - no effect on the actions: compute_dtype, model_dtype, backbone_cfg.load_bf16 and
+      use_flash_attention (the dtype is the caller's), upcast_attention, num_embeds_ada_norm and
+      max_num_positional_embeddings (only used with positional embeddings, which are refused);
+    - training only: tune_llm, tune_visual, tune_projector, tune_diffusion_model, noise_beta_alpha,
+      noise_beta_beta, noise_s, dropout, final_dropout, expand_batch, freeze_decode_layer,
+      load_pretrained_det_decode_layer_path, detection_coeff.
+    """
     backbone, head = raw.get("backbone_cfg") or {}, raw.get("action_head_cfg") or {}
     dit, vlsa = head.get("diffusion_model_cfg") or {}, head.get("vl_self_attention_cfg") or {}
-    # Isaac-GR00T's transformer classes default positional_embeddings to "sinusoidal"; N1.5
-    # configs set it to null, and a checkpoint that leaves it on computes something else.
-    unsupported = [
-        name
-        for name, value, plain in (
-            ("backbone_cfg.project_to_dim", backbone.get("project_to_dim"), None),
-            ("action_head_cfg.use_vlln", head.get("use_vlln", True), True),
-            ("action_head_cfg.add_pos_embed", head.get("add_pos_embed", True), True),
-            ("diffusion_model_cfg.positional_embeddings", dit.get("positional_embeddings"), None),
-            ("vl_self_attention_cfg.positional_embeddings", vlsa.get("positional_embeddings"), None),
-        )
-        if value != plain
+    # Isaac-GR00T's transformer classes default positional_embeddings to "sinusoidal" and
+    # interleave_self_attention to false; N1.5 configs set them to null and true.
+    settings = [
+        ("backbone_cfg.project_to_dim", backbone.get("project_to_dim"), None),
+        ("backbone_cfg.reproject_vision", backbone.get("reproject_vision", False), False),
+        ("action_head_cfg.use_vlln", head.get("use_vlln", True), True),
+        ("action_head_cfg.add_pos_embed", head.get("add_pos_embed", True), True),
     ]
-    if unsupported:
-        raise CheckpointError(
-            f"{source} sets {', '.join(unsupported)} differently from GR00T N1.5; it is another model."
-        )
+    for name, stack in (("diffusion_model_cfg", dit), ("vl_self_attention_cfg", vlsa)):
+        settings += [
+            (f"{name}.positional_embeddings", stack.get("positional_embeddings"), None),
+            (f"{name}.activation_fn", stack.get("activation_fn", "gelu-approximate"), "gelu-approximate"),
+            (f"{name}.norm_eps", stack.get("norm_eps", 1e-5), 1e-5),
+        ]
+    if dit:
+        settings += [
+            ("diffusion_model_cfg.interleave_self_attention", dit.get("interleave_self_attention", False), True),
+            ("diffusion_model_cfg.norm_type", dit.get("norm_type", "ada_norm"), "ada_norm"),
+        ]
+    refuse_settings(source, settings, "GR00T N1.5 sets them so, and other values make another model.")
     vision, text = backbone.get("vision_config") or {}, backbone.get("text_config") or {}
     v, q, base = SiglipConfig(), Qwen3Config(), GR00TConfig()
     vocab = shapes.get(EMBED_TOKENS, shapes.get(LM_HEAD, (q.vocab_size,)))[0]

@@ -48,6 +48,19 @@ def _read_lerobot_stats(files: list[Path]) -> dict[str, NormStats]:
 
 
 def read_lerobot(path: Path, raw: dict, shapes: dict, asset_id: str | None) -> CheckpointInfo:
+    """LeRobot's GrootConfig: embodiment_tag and the VISUAL input_features are read here, the statistics
+    from the processor steps, the architecture by model_config. Left unread on purpose:
+    - not read by LeRobot's GR00T at inference either: chunk_size (the head's action_horizon rules),
+      normalization_mapping (its pipeline always uses min/max), image_size (its Eagle processor sizes
+      the images);
+    - checked by the weights' shapes: max_state_dim, max_action_dim;
+    - no effect on the actions: n_obs_steps, n_action_steps (the Policy returns the whole chunk),
+      use_bf16 (the dtype is the caller's), base_model_path and tokenizer_assets_repo (where LeRobot
+      downloads from; the files are in the folder here);
+    - training only: tune_*, lora_*, optimizer_*, warmup_ratio, video_backend, balance_*_weights,
+      dataset_paths, output_dir, save_steps, max_steps, batch_size, dataloader_num_workers, report_to,
+      resume.
+    """
     tag = asset_id or raw.get("embodiment_tag", "new_embodiment")
     inputs = raw.get("input_features", {})
     # LeRobot's pack step stacks the cameras in sorted key order.

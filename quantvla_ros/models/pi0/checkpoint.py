@@ -22,6 +22,7 @@ import torch
 
 from quantvla_ros.atomic import write_bytes_atomic, write_json_atomic
 from quantvla_ros.errors import QuantVLAError
+from quantvla_ros.models.common.aloha import config_adapter
 from quantvla_ros.models.common.checkpoint import (
     CONFIG_FILE,
     LEGACY_LEROBOT_NORMALIZER,
@@ -29,6 +30,8 @@ from quantvla_ros.models.common.checkpoint import (
     CheckpointInfo,
     copy_files,
     lerobot_norm_stats,
+    lerobot_visual_normalization,
+    refuse_settings,
     stats_dim,
     tensor_shapes,
     weight_files,
@@ -113,6 +116,10 @@ def _common_config(raw: dict, pi05: bool, shapes: dict) -> dict:
 
 
 def _read_openpi(path: Path, raw: dict, shapes: dict, asset_id: str | None) -> CheckpointInfo:
+    """openpi's convert_jax_model_to_pytorch.py writes action_dim, action_horizon, the two variants and
+    precision (the stored weights' dtype; the compute dtype is the caller's); pi05, max_token_len,
+    num_steps, camera_names and discrete_state_input are read when present (save_pi0 writes them),
+    else openpi's defaults."""
     pi05 = bool(raw["pi05"]) if "pi05" in raw else _infer_pi05(shapes)
     cfg = PI0Config(
         **_common_config(raw, pi05, shapes),
@@ -153,23 +160,58 @@ def _read_openpi(path: Path, raw: dict, shapes: dict, asset_id: str | None) -> C
 
 
 def _read_lerobot(path: Path, raw: dict, shapes: dict) -> CheckpointInfo:
+    """LeRobot's PI0Config / PI05Config (0.4 on) and the v0.3 PI0Config: the fields that change inputs
+    or outputs are read or refused here (adapt_to_pi_aloha in aloha.py). Left unread on purpose:
+    - checked by the weights' shapes: proj_width (v0.3), the π0 state width beyond max_action_dim;
+    - no effect on the actions: n_obs_steps, n_action_steps (how many actions LeRobot's select_action
+      plays; the Policy returns the whole chunk), rtc_config (steers only when a caller passes the
+      previous chunk), use_cache and attention_implementation (v0.3), dtype, device,
+      gradient_checkpointing, compile_model, compile_mode, action_feature_names;
+      relative_exclude_joints and memory_* only act with use_relative_actions / the memory modes,
+      which are refused;
+    - training only: time_sampling_*, freeze_vision_encoder, train_expert_only, train_state_proj,
+      optimizer_*, scheduler_*, rtc_training_max_delay;
+    - Hub metadata: push_to_hub, repo_id, private, tags, license, pretrained_path.
+    """
     pi05 = raw["type"] == "pi05"
+    file = path / CONFIG_FILE
     inputs = raw.get("input_features", {})
     outputs = raw.get("output_features", {})
+    common = _common_config(raw, pi05, shapes)
+    size = common["vision"].image_size
+    action_dim = int(raw.get("max_action_dim", 32))
+    # v0.3 named the image size resize_imgs_with_padding (null: no resize), 0.4 on image_resolution.
+    resize = "resize_imgs_with_padding" if "resize_imgs_with_padding" in raw else "image_resolution"
+    settings = [
+        lerobot_visual_normalization(raw),
+        (resize, list(raw.get(resize) or [size, size]), [size, size]),
+        ("use_relative_actions", raw.get("use_relative_actions", False), False),
+        ("use_visual_memory", raw.get("use_visual_memory", False), False),
+        ("use_proprioceptive_memory", raw.get("use_proprioceptive_memory", False), False),
+    ]
+    if not pi05:
+        # π0 projects the state padded to max_state_dim; this package pads it as wide as the actions.
+        settings.append(("max_state_dim", raw.get("max_state_dim", action_dim), action_dim))
+    refuse_settings(file, settings, "this package runs π0 and π0.5 only with the supported values.")
     cameras = [k.removeprefix("observation.images.") for k, v in inputs.items() if v.get("type") == "VISUAL"]
     cameras += [f"empty_camera_{i}" for i in range(int(raw.get("empty_cameras", 0)))]
     cfg = PI0Config(
-        **_common_config(raw, pi05, shapes),
-        action_dim=int(raw.get("max_action_dim", 32)),
+        **common,
+        action_dim=action_dim,
         action_horizon=int(raw.get("chunk_size", 50)),
         max_token_len=int(raw.get("tokenizer_max_length", 200 if pi05 else 48)),
-        num_steps=int(raw.get("num_inference_steps", 10)),
+        # num_steps before LeRobot 0.4.
+        num_steps=int(raw.get("num_inference_steps", raw.get("num_steps", 10))),
         camera_names=tuple(cameras) or PI0Config.camera_names,
+        min_period=float(raw.get("min_period", PI0Config.min_period)),
+        max_period=float(raw.get("max_period", PI0Config.max_period)),
     )
     stats = lerobot_norm_stats(path)
     mapping = raw.get("normalization_mapping", {})
     state_shape = inputs.get("observation.state", {}).get("shape")
     action_shape = outputs.get("action", {}).get("shape")
+    state_dim = int(state_shape[0]) if state_shape else None
+    out_dim = int(action_shape[0]) if action_shape else None
     return CheckpointInfo(
         path=path,
         layout="lerobot",
@@ -177,9 +219,10 @@ def _read_lerobot(path: Path, raw: dict, shapes: dict) -> CheckpointInfo:
         norm_stats=stats,
         state_norm=_lerobot_mode(path, mapping.get("STATE", "QUANTILES" if pi05 else "MEAN_STD")),
         action_norm=_lerobot_mode(path, mapping.get("ACTION", "QUANTILES" if pi05 else "MEAN_STD")),
-        state_dim=int(state_shape[0]) if state_shape else None,
-        action_dim=int(action_shape[0]) if action_shape else None,
+        state_dim=state_dim,
+        action_dim=out_dim,
         norm_eps=1e-8,
+        adapter=config_adapter(path, raw, state_dim, out_dim),
     )
 
 
@@ -256,6 +299,8 @@ def _lerobot_config(cfg: PI0Config, dtype: torch.dtype, state_dim: int | None, a
         "max_state_dim": cfg.action_dim,
         "max_action_dim": cfg.action_dim,
         "num_inference_steps": cfg.num_steps,
+        "min_period": cfg.min_period,
+        "max_period": cfg.max_period,
         "tokenizer_max_length": cfg.max_token_len,
         "image_resolution": [cfg.vision.image_size, cfg.vision.image_size],
         "input_features": inputs,

@@ -49,6 +49,8 @@ class PI0Config:
     camera_names: tuple[str, ...] = OPENPI_CAMERAS
     # openpi's pi05_libero feeds the state through the π0-style prompt instead of the text.
     discrete_state_input: bool = True
+    min_period: float = 4e-3  # of the sincos time embedding (openpi's; LeRobot's config may set them)
+    max_period: float = 4.0
 
     def __post_init__(self) -> None:
         if self.llm.depth != self.expert.depth:

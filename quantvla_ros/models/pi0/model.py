@@ -269,7 +269,7 @@ class PI0Model(StagedModel):
         return torch.tensor([1.0 - step / num_steps for step in range(num_steps)], device=self.device)
 
     def time_constants(self, t: torch.Tensor) -> PI0TimeConstants:
-        time_emb = sincos_time_embedding(t, self.cfg.expert.width)
+        time_emb = sincos_time_embedding(t, self.cfg.expert.width, self.cfg.min_period, self.cfg.max_period)
         if not self.cfg.pi05:
             return PI0TimeConstants(None, action_time_constant(self.action_time_mlp_in, time_emb))
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb))))

@@ -27,14 +27,16 @@ from pathlib import Path
 import torch
 
 from quantvla_ros.atomic import write_json_atomic
+from quantvla_ros.models.common.aloha import config_adapter
 from quantvla_ros.models.common.checkpoint import (
     CONFIG_FILE,
     LEGACY_LEROBOT_NORMALIZER,
     CheckpointError,
     CheckpointInfo,
-    RobotAdapter,
     copy_files,
     lerobot_norm_stats,
+    lerobot_visual_normalization,
+    refuse_settings,
     stats_dim,
     tensor_shapes,
     weight_files,
@@ -43,8 +45,6 @@ from quantvla_ros.models.common.checkpoint import (
 )
 from quantvla_ros.models.common.normalizer import NormStats
 from quantvla_ros.models.family import ModelFamily
-from quantvla_ros.models.smolvla.aloha import DIMS as ALOHA_DIMS
-from quantvla_ros.models.smolvla.aloha import aloha_adapter
 from quantvla_ros.models.smolvla.config import SmolVLAConfig, resolve_vlm, vlm_name
 from quantvla_ros.models.smolvla.model import SmolVLAModel
 from quantvla_ros.models.smolvla.processor import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, SmolVLAProcessor
@@ -81,6 +81,18 @@ def _camera_names(raw: dict) -> tuple[str, ...]:
 
 
 def _config(path: Path, raw: dict, shapes: dict[str, tuple[int, ...]]) -> SmolVLAConfig:
+    """LeRobot's SmolVLAConfig fields that change inputs or outputs are read here (or by read_checkpoint
+    and aloha.py) or refused. Left unread on purpose:
+    - no effect on the actions: n_obs_steps (SmolVLA reads one observation), n_action_steps (how many
+      actions of a chunk LeRobot's select_action plays; the Policy returns the whole chunk, as
+      predict_action_chunk does), use_cache (LeRobot cannot denoise without it; the prefix K/V is always
+      cached here), prefix_length and pad_language_to (they add masked tokens that take no position),
+      rtc_config (real-time chunking steers only when a caller passes the previous chunk), device,
+      use_amp, compile_model, compile_mode;
+    - training only: load_vlm_weights, freeze_vision_encoder, fine_tune_vision_encoder,
+      vision_encoder_lr_multiplier, train_expert_only, train_state_proj, optimizer_*, scheduler_*;
+    - Hub metadata: push_to_hub, repo_id, private, tags, license, pretrained_path.
+    """
     file = path / CONFIG_FILE
     try:
         vlm = resolve_vlm(raw.get("vlm_model_name"), raw.get("vlm_config"))
@@ -102,6 +114,7 @@ def _config(path: Path, raw: dict, shapes: dict[str, tuple[int, ...]]) -> SmolVL
             f"{file} sets add_image_special_tokens, which this package does not support; use a checkpoint "
             "trained without it."
         )
+    refuse_settings(file, [lerobot_visual_normalization(raw)], "this package feeds SmolVLA unnormalized images.")
     size = vlm.vision.image_size
     resize = raw.get("resize_imgs_with_padding")
     if resize is not None and list(resize) != [size, size]:
@@ -165,28 +178,8 @@ def read_checkpoint(path: Path, raw: dict, asset_id: str | None = None) -> Check
         state_dim=state_dim,
         action_dim=action_dim,
         norm_eps=1e-8,
-        adapter=_adapter(path, raw, state_dim, action_dim),
+        adapter=config_adapter(path, raw, state_dim, action_dim),
     )
-
-
-def _adapter(path: Path, raw: dict, state_dim: int | None, action_dim: int | None) -> RobotAdapter | None:
-    """LeRobot's Aloha conversion when config.json asks for it, at the place the checkpoint's LeRobot
-    version applied it (see aloha.py); its unported relative-joint mode is refused, never ignored."""
-    file = path / CONFIG_FILE
-    if raw.get("use_delta_joint_actions_aloha", False):
-        raise CheckpointError(
-            f"{file} sets use_delta_joint_actions_aloha, which LeRobot itself never implemented; "
-            "use a checkpoint trained without it."
-        )
-    if not raw.get("adapt_to_pi_aloha", False):
-        return None
-    if state_dim != ALOHA_DIMS or action_dim != ALOHA_DIMS:
-        raise CheckpointError(
-            f"{file} sets adapt_to_pi_aloha, which converts a {ALOHA_DIMS}-value Aloha state and action, but its "
-            f"state has {state_dim} and its action {action_dim} values; fix input_features and output_features."
-        )
-    # A processor pipeline (LeRobot 0.4 on) normalizes before the policy converts.
-    return aloha_adapter(normalized=(path / PREPROCESSOR).is_file())
 
 
 # ---- weights -------------------------------------------------------------------------------

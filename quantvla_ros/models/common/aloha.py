@@ -1,5 +1,6 @@
-"""LeRobot's `adapt_to_pi_aloha`: SmolVLA checkpoints fine-tuned on Aloha data in the joint and
-gripper space of the π internal runtime (LeRobot `policies/smolvla/modeling_smolvla.py`).
+"""LeRobot's `adapt_to_pi_aloha`: SmolVLA checkpoints, and π0 ones from LeRobot before 0.4, fine-tuned
+on Aloha data in the joint and gripper space of the π internal runtime (LeRobot
+`policies/smolvla/modeling_smolvla.py`, v0.3 `policies/pi0/modeling_pi0.py`: the same conversion).
 
 The state is decoded before it reaches the model (joints 1, 2, 8, 9 flipped; the grippers 6, 13
 from Aloha's linear position to the normalized angle) and the actions encoded after (the same
@@ -11,13 +12,16 @@ converts normalized values. `aloha_adapter` takes the place from the checkpoint'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from quantvla_ros.models.common.checkpoint import RobotAdapter
+from quantvla_ros.models.common.checkpoint import CONFIG_FILE, CheckpointError, RobotAdapter
 
 FLIPPED = [1, 2, 8, 9]
 GRIPPERS = [6, 13]
 DIMS = 14  # two 6-joint arms, each with a gripper
+LEROBOT_PREPROCESSOR = "policy_preprocessor.json"
 # Aloha's PUPPET_GRIPPER_POSITION_OPEN/CLOSED, the Interbotix arm and horn lengths, the angle
 # range LeRobot measured on a Trossen robot, and PUPPET_GRIPPER_JOINT_OPEN/CLOSE.
 POSITION = (0.01844, 0.05800)
@@ -66,3 +70,23 @@ def encode_actions(actions: np.ndarray) -> np.ndarray:
 
 def aloha_adapter(normalized: bool) -> RobotAdapter:
     return RobotAdapter("adapt_to_pi_aloha", decode_state, encode_actions, normalized)
+
+
+def config_adapter(path: Path, raw: dict, state_dim: int | None, action_dim: int | None) -> RobotAdapter | None:
+    """LeRobot's Aloha conversion when config.json asks for it, at the place the checkpoint's LeRobot
+    version applied it; its unported relative-joint mode is refused, never ignored."""
+    file = path / CONFIG_FILE
+    if raw.get("use_delta_joint_actions_aloha", False):
+        raise CheckpointError(
+            f"{file} sets use_delta_joint_actions_aloha, which LeRobot itself never implemented; "
+            "use a checkpoint trained without it."
+        )
+    if not raw.get("adapt_to_pi_aloha", False):
+        return None
+    if state_dim != DIMS or action_dim != DIMS:
+        raise CheckpointError(
+            f"{file} sets adapt_to_pi_aloha, which converts a {DIMS}-value Aloha state and action, but its "
+            f"state has {state_dim} and its action {action_dim} values; fix input_features and output_features."
+        )
+    # A processor pipeline (LeRobot 0.4 on) normalizes before the policy converts.
+    return aloha_adapter(normalized=(path / LEROBOT_PREPROCESSOR).is_file())
