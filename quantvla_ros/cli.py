@@ -259,6 +259,8 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
         rows[name] = (result, candidate.quant_config)
         summary = write_report(rows, reference.model, out)
     print(summary.read_text())
+    # The table alone does not say where the plots went; the default --out is easy to miss.
+    print(f"Wrote {out}: {summary.name}, sqnr_comparison.png and each candidate's JSON and plots.")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:

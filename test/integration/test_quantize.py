@@ -211,7 +211,13 @@ def test_cli_quantize_layout_and_fidelity(float_path, buffer_file, tmp_path, cap
     args = ["fidelity", "--reference", str(float_path), "--buffer", str(buffer_file), "--out", str(report_dir)]
     for a in artifacts:
         args += ["--candidate", str(a)]
+    capsys.readouterr()
     assert main(args) == 0
+    assert (
+        capsys.readouterr()
+        .out.rstrip()
+        .endswith(f"Wrote {report_dir}: summary.md, sqnr_comparison.png and each candidate's JSON and plots.")
+    )
     summary = (report_dir / "summary.md").read_text()
     assert all(name in summary for name in ("quantvla", "rtn", "duquant"))
     result = json.loads((report_dir / "quantvla.json").read_text())
